@@ -1,0 +1,25 @@
+# Two commands on a fresh machine:  `make demo`  (set up + main job)  and  `make test`.
+PY ?= .venv/bin/python
+VENV := .venv
+
+.PHONY: setup install demo test lint
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	./scripts/setup.sh
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Strict editable mode links the files that exist at install time: re-run after adding a module.
+install:
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+
+demo: setup install
+	$(PY) -m unmask.demo
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup install lint
+	$(PY) -m pytest
