@@ -1,0 +1,890 @@
+"""Masked-diffusion decoding (MDLM / LLaDA / Fast-dLLM style) and the autoregressive baseline.
+
+One denoising step is a pipeline of small functions, each testable alone:
+
+    step_logits -> apply_constraints -> sample_tokens -> score_positions -> select_commits -> remask
+
+`SamplerState` holds one job's canvas between steps and splits a step into `prepare_inputs()`
+(what to feed the model) and `advance(logits)` (everything after the forward), so an engine can
+run one batched forward for many jobs (`collate_inputs` -> `run_batch` -> `split_outputs`).
+`generate` is the single-job loop over that state;
+`generate_ar` is left-to-right decoding with a KV cache (prefill, then decode_one_token).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from unmask.errors import InvalidArgument
+from unmask.models.canvas import Canvas, CanvasLayout, Masked
+from unmask.models.network import KVCache
+from unmask.models.sampler_params import ARParams, SamplerParams
+
+FINISH_REASONS = ("length", "eos", "max_steps")
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary view and constraint tables
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_tensor(x: Any, dtype: torch.dtype) -> Tensor:
+    return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerVocab:
+    """The few vocabulary facts the sampler needs, as plain ids and arrays (no tokenizer import).
+
+    modality_masks:    name -> bool (V,) ids allowed in a span of that modality (EOS included).
+    midi_type_of_id:   int (V,) MIDI token type of each id, -1 for non-MIDI ids.
+    midi_allowed_next: bool (n_types, n_types): type b may follow type a.
+    grammar_modality:  spans of this modality get the MIDI grammar mask.
+    """
+
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    modality_masks: Mapping[str, Any] = field(default_factory=dict)
+    midi_type_of_id: Any = None
+    midi_allowed_next: Any = None
+    grammar_modality: str = "midi"
+
+    def __post_init__(self) -> None:
+        for name in ("mask_id", "eos_id", "pad_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidArgument("must be a non-negative token id", field=name, value=value)
+        masks = {k: _as_tensor(v, torch.bool).flatten() for k, v in self.modality_masks.items()}
+        object.__setattr__(self, "modality_masks", masks)
+        if (self.midi_type_of_id is None) != (self.midi_allowed_next is None):
+            raise InvalidArgument(
+                "give both midi_type_of_id and midi_allowed_next, or neither",
+                field="midi_allowed_next",
+            )
+        if self.midi_type_of_id is not None:
+            types = _as_tensor(self.midi_type_of_id, torch.long).flatten()
+            nxt = _as_tensor(self.midi_allowed_next, torch.bool)
+            n = int(types.max()) + 1 if types.numel() else 0
+            if nxt.dim() != 2 or nxt.shape[0] != nxt.shape[1] or nxt.shape[0] < n:
+                raise InvalidArgument(
+                    f"must be a square (n_types, n_types) matrix with n_types >= {n}",
+                    field="midi_allowed_next",
+                    value=tuple(nxt.shape),
+                )
+            object.__setattr__(self, "midi_type_of_id", types)
+            object.__setattr__(self, "midi_allowed_next", nxt)
+
+    @classmethod
+    def from_vocab(
+        cls, vocab: Any, modalities: Sequence[str] = ("text", "code", "midi")
+    ) -> SamplerVocab:
+        """From any object with the unified vocabulary's interface (duck-typed: pad_id, mask_id,
+        eos_id, modality_mask(m), midi_type_of_id(), midi_allowed_next())."""
+        return cls(
+            mask_id=int(vocab.mask_id),
+            eos_id=int(vocab.eos_id),
+            pad_id=int(vocab.pad_id),
+            modality_masks={m: vocab.modality_mask(m) for m in modalities},
+            midi_type_of_id=vocab.midi_type_of_id(),
+            midi_allowed_next=vocab.midi_allowed_next(),
+        )
+
+    @property
+    def modality_rows(self) -> dict[str | None, int]:
+        """Row of each modality in ConstraintTables.allowed; row 0 = unconstrained."""
+        rows: dict[str | None, int] = {None: 0}
+        rows.update({name: i + 1 for i, name in enumerate(self.modality_masks)})
+        return rows
+
+    def tables(self, vocab_size: int, device: torch.device | str = "cpu") -> ConstraintTables:
+        """Constraint tensors sized to the model's logits (a padded model vocab is allowed)."""
+
+        def fit(x: Tensor, fill: int | bool) -> Tensor:
+            if x.numel() > vocab_size:
+                raise InvalidArgument(
+                    f"vocabulary array of size {x.numel()} exceeds the model's {vocab_size} logits",
+                    field="vocab",
+                    value=x.numel(),
+                )
+            out = torch.full((vocab_size,), fill, dtype=x.dtype)
+            out[: x.numel()] = x
+            return out
+
+        for name in ("mask_id", "eos_id", "pad_id"):
+            if getattr(self, name) >= vocab_size:
+                raise InvalidArgument(
+                    f"must be < the model's vocab size {vocab_size}",
+                    field=name,
+                    value=getattr(self, name),
+                )
+        base = torch.ones(vocab_size, dtype=torch.bool)
+        base[self.mask_id] = False  # MASK is the absorbing state, never an output
+        base[self.pad_id] = False  # PAD only ever comes from EOS truncation
+        rows = [base] + [fit(m, False) & base for m in self.modality_masks.values()]
+        type_of = next_ok = None
+        if self.midi_type_of_id is not None:
+            type_of = fit(self.midi_type_of_id, -1).to(device)
+            next_ok = self.midi_allowed_next.to(device)
+        grammar_row = self.modality_rows.get(self.grammar_modality)
+        return ConstraintTables(torch.stack(rows).to(device), type_of, next_ok, grammar_row)
+
+
+@dataclass(frozen=True, eq=False)
+class ConstraintTables:
+    allowed: Tensor  # bool [n_modalities + 1, V]; row 0 = unconstrained
+    type_of_id: Tensor | None  # long [V], -1 for non-MIDI ids
+    allowed_next: Tensor | None  # bool [n_types, n_types]
+    grammar_row: int | None  # modality row whose positions get the grammar mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Step pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class StepInputs:
+    """What to feed the model for one job this step: `model(ids, start_pos=, past=, use_cache=)`."""
+
+    ids: Tensor  # LongTensor [1, W]: the window of the canvas to run
+    start_pos: int  # canvas position of ids[0, 0]
+    past: KVCache | None  # cached K/V the window attends to (None = full forward)
+    use_cache: bool  # return the window's K/V too (first step of a block in a cache mode)
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+
+def step_logits(model: torch.nn.Module, inputs: StepInputs) -> tuple[Tensor, KVCache | None]:
+    """One forward pass over the job's window -> (logits [W, V], cache or None)."""
+    logits, cache = model(
+        inputs.ids, start_pos=inputs.start_pos, past=inputs.past, use_cache=inputs.use_cache
+    )
+    return logits[0], cache
+
+
+@dataclass(frozen=True, eq=False)
+class BatchInputs:
+    """Several jobs' StepInputs as one forward: `model(ids, pad_mask, start_pos=, past=, ...)`."""
+
+    ids: Tensor  # [B, W] right-padded with pad_id
+    pad_mask: Tensor  # [B, W] True = real token
+    start_pos: Tensor  # [B]
+    past: KVCache | None  # [B, P] right-padded caches (all-padding rows for jobs without one)
+    use_cache: bool
+    widths: tuple[int, ...]
+    wants_cache: tuple[bool, ...]
+
+
+def collate_inputs(inputs: Sequence[StepInputs], pad_id: int) -> BatchInputs:
+    """Stack jobs' windows (and caches) into one batch. Padded keys are never attended and RoPE
+    is in the cached keys, so each row's logits are those of its own unbatched forward."""
+    B, W = len(inputs), max(i.width for i in inputs)
+    first = inputs[0].ids
+    ids = torch.full((B, W), pad_id, dtype=torch.long, device=first.device)
+    pad_mask = torch.zeros(B, W, dtype=torch.bool, device=first.device)
+    for row, i in enumerate(inputs):
+        ids[row, : i.width] = i.ids[0]
+        pad_mask[row, : i.width] = True
+    start_pos = torch.tensor([i.start_pos for i in inputs], dtype=torch.long, device=first.device)
+    return BatchInputs(
+        ids,
+        pad_mask,
+        start_pos,
+        _collate_caches([i.past for i in inputs]),
+        any(i.use_cache for i in inputs),
+        tuple(i.width for i in inputs),
+        tuple(i.use_cache for i in inputs),
+    )
+
+
+def _collate_caches(pasts: Sequence[KVCache | None]) -> KVCache | None:
+    present = [p for p in pasts if p is not None]
+    if not present:
+        return None
+    P = max(p.length for p in present)
+    ref = present[0]
+    pad = torch.zeros(len(pasts), P, dtype=torch.bool, device=ref.pad_mask.device)
+    layers = []
+    for li, (k_ref, v_ref) in enumerate(ref.layers):
+        k = k_ref.new_zeros(len(pasts), k_ref.shape[1], P, k_ref.shape[3])
+        v = v_ref.new_zeros(len(pasts), v_ref.shape[1], P, v_ref.shape[3])
+        for row, p in enumerate(pasts):
+            if p is not None:
+                k[row, :, : p.length] = p.layers[li][0][0]
+                v[row, :, : p.length] = p.layers[li][1][0]
+        layers.append((k, v))
+    for row, p in enumerate(pasts):
+        if p is not None:
+            pad[row, : p.length] = p.pad_mask[0]
+    return KVCache(layers, pad)
+
+
+def run_batch(model: torch.nn.Module, batch: BatchInputs) -> tuple[Tensor, KVCache | None]:
+    """One forward pass for a collated batch."""
+    return model(
+        batch.ids,
+        batch.pad_mask,
+        start_pos=batch.start_pos,
+        past=batch.past,
+        use_cache=batch.use_cache,
+    )
+
+
+def split_outputs(
+    batch: BatchInputs, logits: Tensor, cache: KVCache | None
+) -> list[tuple[Tensor, KVCache | None]]:
+    """Per job: (logits [W_i, V], that job's KVCache of its own window when it asked for one)."""
+    past_len = batch.past.length if batch.past is not None else 0
+    out: list[tuple[Tensor, KVCache | None]] = []
+    for row, (width, wants) in enumerate(zip(batch.widths, batch.wants_cache, strict=True)):
+        row_cache = None
+        if wants and cache is not None:
+            # a job that asks for K/V runs its full canvas without a past: its own positions
+            # sit after the batch's (padded) past slots
+            keep = torch.arange(past_len, past_len + width, device=cache.pad_mask.device)
+            row_cache = kv_keep(cache.select([row]), keep)
+        out.append((logits[row, :width], row_cache))
+    return out
+
+
+def grammar_mask(
+    positions: Tensor, ids: Tensor, masked: Tensor, tables: ConstraintTables
+) -> Tensor:
+    """bool [N, V]: MIDI ids whose type may follow the committed left neighbour and precede the
+    committed right neighbour. Non-MIDI ids are left to the modality mask; an unknown (masked)
+    or non-MIDI neighbour does not constrain."""
+    assert tables.type_of_id is not None and tables.allowed_next is not None
+    type_of, nxt = tables.type_of_id, tables.allowed_next
+    is_midi = type_of >= 0  # [V]
+    id_type = type_of.clamp(min=0)
+    T = ids.numel()
+    ok = torch.ones(positions.numel(), type_of.numel(), dtype=torch.bool, device=ids.device)
+
+    left = positions - 1
+    has_left = left >= 0
+    left_c = left.clamp(min=0)
+    left_type = type_of[ids[left_c]]
+    has_left &= ~masked[left_c] & (left_type >= 0)
+    if bool(has_left.any()):
+        follows = nxt[left_type[has_left]][:, id_type]  # [n, V]: type(id) may follow left
+        ok[has_left] &= follows | ~is_midi
+
+    right = positions + 1
+    has_right = right < T
+    right_c = right.clamp(max=T - 1)
+    right_type = type_of[ids[right_c]]
+    has_right &= ~masked[right_c] & (right_type >= 0)
+    if bool(has_right.any()):
+        precedes = nxt[:, right_type[has_right]].T[:, id_type]  # [n, V]: right may follow id
+        ok[has_right] &= precedes | ~is_midi
+    return ok
+
+
+def apply_constraints(
+    logits: Tensor,
+    positions: Tensor,
+    ids: Tensor,
+    masked: Tensor,
+    modality_rows: Tensor,
+    tables: ConstraintTables,
+    grammar: bool = True,
+) -> Tensor:
+    """Set to -inf every logit the position may not take.
+
+    logits [N, V] belong to canvas `positions` [N]; `ids`/`masked` [T] are the current canvas and
+    which of its positions are still open; `modality_rows` [T] index `tables.allowed`. MASK and PAD
+    are never allowed. In a grammar span the MIDI grammar narrows the modality mask, unless that
+    would leave nothing (a neighbour pair the grammar cannot bridge): then the modality mask alone.
+    """
+    allowed = tables.allowed[modality_rows[positions]]  # [N, V]
+    if grammar and tables.type_of_id is not None and tables.grammar_row is not None:
+        in_span = modality_rows[positions] == tables.grammar_row
+        if bool(in_span.any()):
+            g = allowed[in_span] & grammar_mask(positions[in_span], ids, masked, tables)
+            feasible = g.any(dim=-1, keepdim=True)
+            allowed[in_span] = torch.where(feasible, g, allowed[in_span])
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def filter_top_k(logits: Tensor, top_k: int) -> Tensor:
+    """Keep the top_k logits of each row (0 = keep all)."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of most likely ids whose probability reaches top_p (1.0 = all)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # drop an id when the ids before it already reach top_p; the top id is always kept
+    drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """Standard Gumbel noise in float64, drawn on the CPU so a seed gives the same ids anywhere."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    tiny = torch.finfo(torch.float64).tiny
+    return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 2**-53)))
+
+
+def sample_tokens(
+    logits: Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One id per row of logits [N, V]: argmax at temperature 0, else Gumbel-max in float64."""
+    if logits.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=logits.device)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if generator is None:
+        raise InvalidArgument("sampling at temperature > 0 needs a generator", field="seed")
+    z = logits.double() / temperature
+    z = filter_top_p(filter_top_k(z, top_k), top_p)
+    return (z + gumbel_noise(tuple(z.shape), generator).to(z.device)).argmax(dim=-1)
+
+
+def score_positions(logits: Tensor, tokens: Tensor, method: str = "probability") -> Tensor:
+    """Confidence in [0, 1] per row of constrained logits [N, V] (temperature-free, so a threshold
+    means the same at any temperature): probability of the chosen token, top1-top2 probability
+    margin, or exp(-entropy)."""
+    probs = logits.float().softmax(dim=-1)
+    if method == "probability":
+        return probs.gather(-1, tokens[:, None]).squeeze(-1)
+    if method == "margin":
+        if probs.shape[-1] < 2:
+            return torch.ones(probs.shape[0], device=probs.device)
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    if method == "entropy":
+        entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)
+        return torch.exp(-entropy)
+    raise InvalidArgument(f"unknown position score {method!r}", field="position_score")
+
+
+def plan_block_steps(steps: int, block_sizes: list[int]) -> list[int]:
+    """Split `steps` over blocks in proportion to their size: each gets 1..size, sum == steps."""
+    total = sum(block_sizes)
+    if not len(block_sizes) <= steps <= total:
+        raise InvalidArgument(
+            f"must be in [{len(block_sizes)}, {total}] for this canvas", field="steps", value=steps
+        )
+    alloc = [1] * len(block_sizes)
+    # max-heap on the deficit against the ideal share; ties go to the earlier block
+    heap = [(-(steps * n / total - 1), i) for i, n in enumerate(block_sizes) if n > 1]
+    heapq.heapify(heap)
+    for _ in range(steps - len(block_sizes)):
+        _, i = heapq.heappop(heap)
+        alloc[i] += 1
+        if alloc[i] < block_sizes[i]:
+            heapq.heappush(heap, (-(steps * block_sizes[i] / total - alloc[i]), i))
+    return alloc
+
+
+def planned_commits(remaining: int, steps_left: int) -> int:
+    """Tokens to commit now so `remaining` finish in `steps_left` steps, spread evenly with the
+    remainder on the earliest steps (n=10, s=4 -> 3, 3, 2, 2)."""
+    if remaining <= 0:
+        return 0
+    return -(-remaining // max(steps_left, 1))
+
+
+def select_commits(scores: Tensor, count: int, threshold: float | None = None) -> Tensor:
+    """Indices (ascending) of the rows to commit: the `count` most confident, plus every row at
+    or above `threshold`; at least one when there is any row."""
+    n = scores.numel()
+    k = count
+    if threshold is not None:
+        k = max(k, int((scores >= threshold).sum()))
+    k = min(max(k, 1), n)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k].sort().values
+
+
+def select_remask(confidence: Tensor, threshold: float, budget: int) -> Tensor:
+    """Indices of committed rows to re-open: below `threshold`, least confident first, <= budget."""
+    if budget <= 0 or confidence.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=confidence.device)
+    order = torch.sort(confidence, stable=True).indices
+    low = order[confidence[order] < threshold]
+    return low[:budget]
+
+
+def kv_keep(cache: KVCache, positions: Tensor) -> KVCache:
+    """The cache restricted to some of its stored positions (RoPE is already in the keys)."""
+    positions = positions.to(cache.pad_mask.device)
+    layers = [(k.index_select(2, positions), v.index_select(2, positions)) for k, v in cache.layers]
+    return KVCache(layers, cache.pad_mask.index_select(1, positions))
+
+
+# ---------------------------------------------------------------------------------------------
+# Events and results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class StepEvent:
+    """What one denoising step did; positions are canvas indices."""
+
+    step: int
+    block: int
+    committed_positions: Tensor
+    committed_ids: Tensor
+    committed_confidence: Tensor
+    tentative_positions: Tensor  # still masked after this step (current block)
+    tentative_ids: Tensor  # the model's current guess for them
+    tentative_confidence: Tensor
+    remasked_positions: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class SampleResult:
+    ids: Tensor  # LongTensor [T]: the final canvas; PAD after a truncating EOS
+    generated: Tensor  # BoolTensor [T]: positions the sampler filled (PAD truncation excluded)
+    nfe: int  # forward passes
+    steps: int  # denoising steps (AR: tokens decoded)
+    finish_reason: str  # "length" | "eos" | "max_steps"
+    tokens_per_forward: float
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.ids[self.generated].tolist()
+
+
+StepHook = Callable[[StepEvent], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-job state
+# ---------------------------------------------------------------------------------------------
+
+
+class SamplerState:
+    """One masked-diffusion job between steps.
+
+    Loop: `inputs = state.prepare_inputs()`, run the model on `inputs`, then
+    `state.advance(logits_for_this_job, cache_for_this_job)`; stop when `state.done`.
+    """
+
+    def __init__(
+        self,
+        canvas: Canvas,
+        params: SamplerParams,
+        vocab: SamplerVocab,
+        *,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if canvas.n_masked != params.gen_length:
+            raise InvalidArgument(
+                f"must equal the canvas's masked positions ({canvas.n_masked})",
+                field="gen_length",
+                value=params.gen_length,
+            )
+        rows = vocab.modality_rows
+        for seg_modality in set(_span_modalities(canvas)):
+            if seg_modality not in rows:
+                known = ", ".join(str(m) for m in rows if m is not None) or "none"
+                raise InvalidArgument(
+                    f"no modality mask for this modality (known: {known})",
+                    field="modality",
+                    value=seg_modality,
+                )
+        self.params = params
+        self.vocab = vocab
+        self.device = torch.device(device)
+        self.layout: CanvasLayout = canvas.layout(vocab.mask_id, params.block_length, self.device)
+        self.ids = self.layout.ids.clone()
+        self.masked = ~self.layout.fixed
+        self.cleared = torch.zeros_like(self.masked)  # positions turned into PAD after EOS
+        self.modality_rows = torch.tensor(
+            [rows[m] for m in self.layout.modality], dtype=torch.long, device=self.device
+        )
+        self.blocks: list[Tensor] = list(self.layout.blocks)
+        self.block_steps = plan_block_steps(params.steps, [b.numel() for b in self.blocks])
+        self.block = 0  # index of the current block
+        self.block_step = 0  # steps taken inside the current block
+        self.step = 0
+        self.nfe = 0
+        self.remask_left = params.remask_budget
+        self.finish_reason: str | None = None
+        self.saw_eos = False
+        self.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        self.cache: KVCache | None = None  # K/V reused by the steps of the current block
+        self._tables: ConstraintTables | None = None
+        self._pending: StepInputs | None = None
+
+    # ---- queries ----------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def length(self) -> int:
+        return self.layout.length
+
+    def block_bounds(self) -> tuple[int, int]:
+        """[lo, hi): the canvas range the current block's positions lie in."""
+        blk = self.blocks[self.block]
+        return int(blk[0]), int(blk[-1]) + 1
+
+    # ---- the two halves of a step -----------------------------------------------------------
+    def prepare_inputs(self) -> StepInputs:
+        """The window to run this step. "prefix": the block and everything right of it, attending
+        to cached K/V of the left; "dual": only the block, attending to cached K/V of both sides.
+        The first step of a block (and "none") runs the full canvas; in a cache mode it also asks
+        for the K/V, which `advance` trims to the reusable part. For a bidirectional model both
+        caches are approximations (cached K/V saw the block still masked); for a causal model
+        "prefix" is exact, "dual" is not (the window would attend to its cached right side)."""
+        if self.done:
+            raise InvalidArgument("the job has finished", field="state")
+        lo, hi = self.block_bounds()
+        mode = self.params.use_cache
+        if mode != "none" and self.cache is not None:
+            stop = self.length if mode == "prefix" else hi
+            inputs = StepInputs(self.ids[None, lo:stop], lo, self.cache, use_cache=False)
+        else:
+            reusable = lo > 0 or (mode == "dual" and hi < self.length)
+            inputs = StepInputs(self.ids[None], 0, None, use_cache=mode != "none" and reusable)
+        self._pending = inputs
+        return inputs
+
+    def advance(self, logits: Tensor, cache: KVCache | None = None) -> StepEvent:
+        """Apply one denoising step given this job's logits [W, V] (or [1, W, V]) for the window
+        from `prepare_inputs`, and its KVCache when that window asked for one."""
+        inputs = self._pending
+        if inputs is None:
+            raise InvalidArgument("call prepare_inputs() before advance()", field="state")
+        self._pending = None
+        logits = logits.reshape(-1, logits.shape[-1])
+        if logits.shape[0] != inputs.width:
+            raise InvalidArgument(
+                f"expected logits for {inputs.width} positions", field="logits", value=logits.shape
+            )
+        self.nfe += 1
+        if inputs.use_cache:
+            if cache is None:
+                raise InvalidArgument("this step asked for a KVCache", field="cache")
+            self.cache = kv_keep(cache, self._reused_positions())
+        tables = self._constraint_tables(logits.shape[-1])
+        p = self.params
+
+        block_pos = self.blocks[self.block]
+        is_open = self.masked[block_pos]
+        open_pos = block_pos[is_open]
+        open_logits = self._constrained(logits, open_pos, inputs.start_pos, tables)
+        tokens = sample_tokens(open_logits, p.temperature, p.top_k, p.top_p, self.generator)
+        conf = score_positions(open_logits, tokens, p.position_score)
+
+        steps_left = self.block_steps[self.block] - self.block_step
+        last_step = p.max_steps is not None and self.step + 1 >= p.max_steps
+        count = open_pos.numel() if last_step else planned_commits(open_pos.numel(), steps_left)
+        chosen = select_commits(conf, count, p.threshold)
+        commit_pos = open_pos[chosen]
+        self.ids[commit_pos] = tokens[chosen]
+        self.masked[commit_pos] = False
+
+        remasked = self._remask(
+            logits, inputs.start_pos, tables, block_pos[~is_open], steps_left, last_step
+        )
+        keep = torch.ones(open_pos.numel(), dtype=torch.bool, device=open_pos.device)
+        keep[chosen] = False
+        event = StepEvent(
+            step=self.step,
+            block=self.block,
+            committed_positions=commit_pos,
+            committed_ids=tokens[chosen],
+            committed_confidence=conf[chosen],
+            tentative_positions=open_pos[keep],
+            tentative_ids=tokens[keep],
+            tentative_confidence=conf[keep],
+            remasked_positions=remasked,
+        )
+        self.step += 1
+        self.block_step += 1
+        if not bool(self.masked[block_pos].any()):
+            self._finish_block()
+        if not self.done and last_step:
+            self._finish("max_steps")
+        return event
+
+    def result(self) -> SampleResult:
+        generated = ~self.layout.fixed & ~self.cleared
+        n = int(generated.sum())
+        return SampleResult(
+            ids=self.ids.clone(),
+            generated=generated,
+            nfe=self.nfe,
+            steps=self.step,
+            finish_reason=self.finish_reason or "length",
+            tokens_per_forward=n / max(self.nfe, 1),
+        )
+
+    # ---- internals --------------------------------------------------------------------------
+    def _constraint_tables(self, vocab_size: int) -> ConstraintTables:
+        if self._tables is None or self._tables.allowed.shape[1] != vocab_size:
+            self._tables = self.vocab.tables(vocab_size, self.device)
+        return self._tables
+
+    def _constrained(
+        self, logits: Tensor, positions: Tensor, start_pos: int, tables: ConstraintTables
+    ) -> Tensor:
+        """Constrained fp32 logits of canvas `positions` from the window's logits."""
+        return apply_constraints(
+            logits[positions - start_pos].float(),
+            positions,
+            self.ids,
+            self.masked,
+            self.modality_rows,
+            tables,
+            self.params.grammar,
+        )
+
+    def _reused_positions(self) -> Tensor:
+        """Positions of the full-canvas cache that the block's later steps reuse."""
+        lo, hi = self.block_bounds()
+        left = torch.arange(lo, device=self.device)
+        if self.params.use_cache == "prefix":
+            return left
+        return torch.cat([left, torch.arange(hi, self.length, device=self.device)])
+
+    def _remask(
+        self,
+        logits: Tensor,
+        start_pos: int,
+        tables: ConstraintTables,
+        earlier: Tensor,
+        steps_left: int,
+        last_step: bool,
+    ) -> Tensor:
+        """Re-open tokens of this block committed in earlier steps whose probability under the
+        current logits fell below remask_threshold. Only inside the current block (earlier blocks
+        are cached and final) and only while a step is left to refill them, so `steps` still
+        bounds the run. Block positions are never fixed, so fixed tokens are never re-opened."""
+        none = torch.zeros(0, dtype=torch.long, device=earlier.device)
+        if self.remask_left <= 0 or steps_left <= 1 or last_step or earlier.numel() == 0:
+            return none
+        pos = earlier
+        prob = score_positions(
+            self._constrained(logits, pos, start_pos, tables), self.ids[pos], "probability"
+        )
+        chosen = select_remask(prob, self.params.remask_threshold, self.remask_left)
+        reopen = pos[chosen]
+        self.ids[reopen] = self.vocab.mask_id
+        self.masked[reopen] = True
+        self.remask_left -= reopen.numel()
+        return reopen.sort().values
+
+    def _finish_block(self) -> None:
+        """A block is complete: apply the EOS stop, then move to the next block."""
+        blk = self.blocks[self.block]
+        if self.params.stop_at_eos:
+            eos = blk[self.ids[blk] == self.vocab.eos_id]
+            if eos.numel():
+                self.saw_eos = True
+                self._truncate_after(int(eos.min()))
+        self.block += 1
+        self.block_step = 0
+        self.cache = None  # the next block's prefix includes this block: recompute
+        # drop blocks emptied by an EOS truncation; the budgets of the rest are unchanged
+        while self.block < len(self.blocks):
+            rest = self.blocks[self.block]
+            rest = rest[~self.cleared[rest]]
+            if rest.numel():
+                self.blocks[self.block] = rest
+                break
+            del self.blocks[self.block]
+            del self.block_steps[self.block]
+        if self.block >= len(self.blocks):
+            self._finish("eos" if self.saw_eos else "length")
+
+    def _truncate_after(self, eos_pos: int) -> None:
+        """Everything after the EOS in its span becomes PAD (other spans of an infill canvas are
+        independent and keep generating)."""
+        span = self.layout.span
+        after = torch.arange(self.length, device=self.device) > eos_pos
+        clear = after & (span == span[eos_pos])
+        self.ids[clear] = self.vocab.pad_id
+        self.masked[clear] = False
+        self.cleared |= clear
+
+    def _finish(self, reason: str) -> None:
+        # nothing may stay MASK in a result: unreached positions become PAD
+        left = self.masked.clone()
+        self.ids[left] = self.vocab.pad_id
+        self.masked[left] = False
+        self.cleared |= left
+        self.finish_reason = reason
+        self.cache = None
+
+
+def _span_modalities(canvas: Canvas) -> list[str | None]:
+    return [s.modality for s in canvas.segments if isinstance(s, Masked)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Top level
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_fits(model: torch.nn.Module, length: int, field_name: str) -> None:
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_seq_len", None)
+    if limit is not None and length > limit:
+        raise InvalidArgument(
+            f"canvas of {length} positions exceeds the model's max_seq_len {limit}",
+            field=field_name,
+            value=length,
+        )
+
+
+def _check_ids(model: torch.nn.Module, canvas: Canvas) -> None:
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    fixed = [t for s in canvas.segments if not isinstance(s, Masked) for t in s.ids]
+    if vocab_size is not None and fixed and max(fixed) >= vocab_size:
+        raise InvalidArgument(
+            f"fixed token ids must be < the model's vocab size {vocab_size}",
+            field="canvas",
+            value=max(fixed),
+        )
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    canvas: Canvas,
+    params: SamplerParams,
+    vocab: SamplerVocab,
+    on_step: StepHook | None = None,
+) -> SampleResult:
+    """Fill every masked span of `canvas`; a pure function of (model, canvas, params)."""
+    _check_fits(model, canvas.length, "gen_length")
+    _check_ids(model, canvas)
+    state = SamplerState(canvas, params, vocab, device=_model_device(model))
+    while not state.done:
+        logits, cache = step_logits(model, state.prepare_inputs())
+        event = state.advance(logits, cache)
+        if on_step is not None:
+            on_step(event)
+    return state.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# Autoregressive baseline
+# ---------------------------------------------------------------------------------------------
+
+
+def prefill(model: torch.nn.Module, ids: Tensor) -> tuple[Tensor, KVCache]:
+    """Run the prompt [P] once; return the logits predicting the next token [V] and the cache."""
+    logits, cache = model(ids[None], start_pos=0, use_cache=True)
+    return logits[0, -1], cache
+
+
+def decode_one_token(
+    model: torch.nn.Module, token: int | Tensor, pos: int, cache: KVCache
+) -> tuple[Tensor, KVCache]:
+    """Feed one token at `pos` against the cache; return next-token logits [V] and the cache."""
+    device = cache.pad_mask.device
+    ids = torch.as_tensor(token, dtype=torch.long, device=device).reshape(1, 1)
+    logits, cache = model(ids, start_pos=pos, past=cache, use_cache=True)
+    return logits[0, -1], cache
+
+
+def _full_forward_last(model: torch.nn.Module, ids: Tensor) -> Tensor:
+    """No-cache reference: recompute the whole sequence, return the last position's logits."""
+    return model(ids[None])[0][0, -1]
+
+
+@torch.inference_mode()
+def generate_ar(
+    model: torch.nn.Module,
+    prompt_ids: Tensor | list[int],
+    params: ARParams,
+    vocab: SamplerVocab,
+    *,
+    modality: str | None = None,
+    on_step: StepHook | None = None,
+) -> SampleResult:
+    """Left-to-right decoding (for a causal model): prefill, then one token per forward."""
+    device = _model_device(model)
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).flatten()
+    if prompt.numel() == 0:
+        raise InvalidArgument(
+            "the autoregressive baseline needs a non-empty prompt", field="prompt_ids"
+        )
+    rows = vocab.modality_rows
+    if modality not in rows:
+        raise InvalidArgument(
+            "no modality mask for this modality", field="modality", value=modality
+        )
+    P, N = prompt.numel(), params.max_new_tokens
+    _check_fits(model, P + N, "max_new_tokens")
+
+    # a canvas-shaped buffer lets apply_constraints see the previous token like in diffusion
+    ids = torch.full((P + N,), vocab.mask_id, dtype=torch.long, device=device)
+    ids[:P] = prompt
+    masked = torch.ones(P + N, dtype=torch.bool, device=device)
+    masked[:P] = False
+    modality_rows = torch.full((P + N,), rows[modality], dtype=torch.long, device=device)
+    modality_rows[:P] = 0
+    generator = torch.Generator(device="cpu").manual_seed(params.seed)
+    tables: ConstraintTables | None = None
+
+    cache: KVCache | None = None
+    if params.use_cache:
+        logits, cache = prefill(model, prompt)
+    else:
+        logits = _full_forward_last(model, prompt)
+    nfe, n_new, finish = 1, 0, "length"
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    for i in range(N):
+        pos = P + i
+        if tables is None:
+            tables = vocab.tables(logits.shape[-1], device)
+        pos_t = torch.tensor([pos], device=device)
+        row = apply_constraints(
+            logits[None].float(), pos_t, ids, masked, modality_rows, tables, params.grammar
+        )
+        token = sample_tokens(row, params.temperature, params.top_k, params.top_p, generator)
+        conf = score_positions(row, token, "probability")
+        ids[pos], masked[pos] = token[0], False
+        n_new += 1
+        if on_step is not None:
+            on_step(StepEvent(i, 0, pos_t, token, conf, empty, empty, empty.float(), empty))
+        if params.stop_at_eos and int(token) == vocab.eos_id:
+            finish = "eos"
+            break
+        if i + 1 == N:
+            break  # the last token needs no forward
+        if cache is not None:
+            logits, cache = decode_one_token(model, token, pos, cache)
+        else:
+            logits = _full_forward_last(model, ids[: pos + 1])
+        nfe += 1
+
+    out = ids[: P + n_new].clone()
+    generated = torch.zeros(P + n_new, dtype=torch.bool, device=device)
+    generated[P:] = True
+    return SampleResult(out, generated, nfe, n_new, finish, n_new / nfe)
