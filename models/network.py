@@ -1,0 +1,369 @@
+"""The denoiser: a pre-norm Transformer (RoPE, RMSNorm, SwiGLU, tied embeddings) over the unified
+vocabulary.
+
+With `causal=False` (the default) it is the masked-diffusion denoiser: every position attends to
+every real position, and there is no time / noise-level input: the number of MASK tokens in the
+canvas already tells the network how noisy it is (MDLM, LLaDA). With `causal=True` the very same
+class is the autoregressive baseline (logits at position i predict token i + 1).
+
+Two kinds of "not a token" must not be confused:
+  * MASK is a vocabulary token (the absorbing state). It is attended to like any other token and
+    its logit is forced to -inf, so it is never predicted.
+  * `pad_mask` False marks *batching* padding: positions that exist only because rows of different
+    lengths share a tensor. Their keys are never attended to, so a real row's logits do not depend
+    on them. The PAD token written after EOS is a real token in this sense (see models/data.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unmask.errors import InvalidArgument
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int  # size of the unified vocabulary (specials + BPE + MIDI)
+    d_model: int = 256  # width of the residual stream
+    n_layers: int = 6  # number of Transformer blocks
+    n_heads: int = 4  # attention heads; head dim = d_model // n_heads (must be even for RoPE)
+    mlp_hidden: int | None = None  # SwiGLU hidden width; None -> 8/3 * d_model rounded up to 64
+    max_seq_len: int = 512  # longest canvas: RoPE angles exist for positions 0..max_seq_len-1
+    rope_theta: float = 10000.0  # RoPE base frequency
+    dropout: float = 0.0  # on attention weights, residual branches and embeddings (training only)
+    causal: bool = False  # True = the autoregressive baseline (causal mask, next-token targets)
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    mask_id: int | None = None  # the MASK token: its logit is set to -inf (never a prediction)
+
+    def __post_init__(self) -> None:
+        if self.mlp_hidden is None:
+            # SwiGLU has three matrices instead of two: 8/3 * d keeps the parameter count of a 4*d MLP
+            self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        heads_ok = self.n_heads > 0 and self.d_model % (2 * self.n_heads) == 0  # even head dim
+        checks = {
+            "vocab_size": self.vocab_size > 0,
+            "d_model": self.d_model > 0,
+            "n_layers": self.n_layers > 0,
+            "n_heads": heads_ok,
+            "mlp_hidden": self.mlp_hidden > 0,
+            "max_seq_len": self.max_seq_len > 0,
+            "rope_theta": self.rope_theta > 0,
+            "dropout": 0.0 <= self.dropout < 1.0,
+            "norm_eps": self.norm_eps > 0,
+            "mask_id": self.mask_id is None or 0 <= self.mask_id < self.vocab_size,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                hint = " (d_model must split into heads of even size)" if name == "n_heads" else ""
+                raise InvalidArgument(
+                    f"invalid model setting {name}={getattr(self, name)!r}{hint}",
+                    field=name,
+                    value=getattr(self, name),
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InvalidArgument(f"unknown model settings: {', '.join(unknown)}", field="model")
+        return cls(**d)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of earlier positions, reused by later forward passes.
+
+    Used for autoregressive decoding and for the diffusion *prefix cache* (the prompt and finished
+    blocks are encoded once; the active block and the rest of the canvas then attend to them).
+    The storage order of positions does not matter except through `pad_mask`: RoPE is applied
+    before caching, so every key already carries its own position.
+    """
+
+    layers: list[tuple[Tensor, Tensor]]  # per block: (keys, values), each [B, n_heads, P, head_dim]
+    pad_mask: Tensor  # [B, P] bool; True = real position, False = batching padding (never attended)
+
+    @property
+    def length(self) -> int:
+        return self.pad_mask.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.pad_mask.shape[0]
+
+    def select(self, rows: Tensor | list[int] | slice) -> KVCache:
+        """Keep some rows (e.g. drop the jobs of a batch that have finished)."""
+        if isinstance(rows, list):
+            rows = torch.tensor(rows, dtype=torch.long, device=self.pad_mask.device)
+        return KVCache([(k[rows], v[rows]) for k, v in self.layers], self.pad_mask[rows])
+
+    def truncate(self, length: int) -> KVCache:
+        """Keep the first `length` cached positions (e.g. drop a block that will be recomputed)."""
+        if not 0 <= length <= self.length:
+            raise InvalidArgument(
+                f"cannot truncate a cache of {self.length} positions to {length}",
+                field="length",
+                value=length,
+            )
+        layers = [(k[:, :, :length], v[:, :, :length]) for k, v in self.layers]
+        return KVCache(layers, self.pad_mask[:, :length])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32: under bf16 autocast the mean of squares loses too much precision
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+class Rotary(nn.Module):
+    """RoPE angle table for positions 0..max_seq_len-1, looked up per (row, position)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        # not persistent: derived from the config, so it is never stored in a checkpoint
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # [L, head_dim/2]
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        # positions [B, T] -> cos, sin [B, 1, T, head_dim/2] (broadcast over heads)
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) of each head by the position's angles. x: [B, H, T, hd]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        is_causal: bool,
+        past_kv: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (z.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, hd]
+        if past_kv is not None:
+            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)  # [B, H, P + T, hd]
+            v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: [B, T, C]
+        return self.resid_dropout(self.out(y)), (k, v)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(config.d_model, 2 * config.mlp_hidden, bias=False)
+        self.down = nn.Linear(config.mlp_hidden, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [B, T, hidden] each
+        return self.dropout(self.down(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = SelfAttention(config)
+        self.norm2 = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        is_causal: bool,
+        past_kv: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        a, kv = self.attn(self.norm1(x), cos, sin, mask, is_causal, past_kv)
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return x, kv
+
+
+class Denoiser(nn.Module):
+    """Maps a (partly masked) canvas of token ids to logits over the vocabulary at every position."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.rope = Rotary(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied input/output embeddings
+        banned = torch.zeros(config.vocab_size, dtype=torch.bool)
+        if config.mask_id is not None:
+            banned[config.mask_id] = True
+        self.register_buffer("banned", banned, persistent=False)  # [V] logits forced to -inf
+
+        self.apply(self._init_weights)
+        # GPT-2 style: shrink the projections that write into the residual stream with depth
+        for name, p in self.named_parameters():
+            if name.endswith("attn.out.weight") or name.endswith("mlp.down.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count; the tied embedding matrix is counted once."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if exclude_embeddings else n
+
+    def describe(self) -> str:
+        c = self.config
+        kind = "autoregressive baseline" if c.causal else "bidirectional masked-diffusion denoiser"
+        return (
+            f"Denoiser ({kind}): {self.num_parameters() / 1e6:.2f}M parameters "
+            f"({self.num_parameters(exclude_embeddings=True) / 1e6:.2f}M without embeddings)\n"
+            f"  vocab {c.vocab_size}, d_model {c.d_model}, {c.n_layers} layers x {c.n_heads} heads "
+            f"(head dim {c.head_dim}), SwiGLU hidden {c.mlp_hidden}\n"
+            f"  max_seq_len {c.max_seq_len}, RoPE theta {c.rope_theta:g}, dropout {c.dropout:g}, "
+            f"tied embeddings, mask_id {c.mask_id}"
+        )
+
+    def forward(
+        self,
+        ids: Tensor,
+        pad_mask: Tensor | None = None,
+        *,
+        start_pos: int | Tensor = 0,
+        past: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> tuple[Tensor, KVCache | None]:
+        """ids [B, T] -> logits [B, T, V] (fp32, or bf16 under autocast), and optionally a cache.
+
+        pad_mask [B, T]: True = real token, False = batching padding (None: all real).
+        start_pos: RoPE position of ids[:, 0], one int or a LongTensor [B] (one per row).
+        past: cache of earlier positions; the new tokens attend to all its real positions and to
+            themselves (causally among themselves when config.causal).
+        use_cache: also return a KVCache holding past + the new positions.
+        """
+        B, T = ids.shape
+        if past is not None and past.batch_size != B:
+            raise InvalidArgument(
+                f"cache holds {past.batch_size} rows but the batch has {B}", field="past", value=B
+            )
+        if pad_mask is not None and (pad_mask.shape != ids.shape or pad_mask.dtype != torch.bool):
+            raise InvalidArgument(
+                "pad_mask must be a bool tensor of the same shape as ids",
+                field="pad_mask",
+                value=tuple(pad_mask.shape),
+            )
+        cos, sin = self.rope(self._positions(start_pos, B, T, ids.device))
+        mask, is_causal = self._attention_mask(pad_mask, past, B, T, ids.device)
+
+        x = self.drop(self.tok_emb(ids))  # [B, T, d]
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, cos, sin, mask, is_causal, past.layers[i] if past else None)
+            new_layers.append(kv)
+        logits = self.head(self.norm(x))  # [B, T, V]
+        if self.config.mask_id is not None:
+            logits = logits.masked_fill(self.banned, float("-inf"))
+
+        cache = None
+        if use_cache:
+            new_pad = pad_mask if pad_mask is not None else ids.new_ones(B, T, dtype=torch.bool)
+            pad = torch.cat([past.pad_mask, new_pad], dim=1) if past is not None else new_pad
+            cache = KVCache(new_layers, pad)
+        return logits, cache
+
+    def logits(self, ids: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        """Logits of a full forward pass, without a cache."""
+        return self(ids, pad_mask)[0]
+
+    def _positions(self, start_pos: int | Tensor, B: int, T: int, device: torch.device) -> Tensor:
+        offsets = torch.arange(T, device=device)
+        if isinstance(start_pos, Tensor):
+            start = start_pos.to(device=device, dtype=torch.long).reshape(-1)
+            if start.numel() != B:
+                raise InvalidArgument(
+                    f"start_pos has {start.numel()} entries for {B} rows", field="start_pos"
+                )
+            lo, hi = int(start.min()), int(start.max())
+            positions = start[:, None] + offsets[None, :]  # [B, T]
+        else:
+            lo = hi = int(start_pos)
+            positions = (offsets + lo)[None, :].expand(B, T)
+        if lo < 0 or hi + T > self.config.max_seq_len:
+            raise InvalidArgument(
+                f"positions {lo}..{hi + T - 1} outside the model's range "
+                f"0..{self.config.max_seq_len - 1}",
+                field="start_pos",
+                value=hi,
+            )
+        return positions
+
+    def _attention_mask(
+        self, pad_mask: Tensor | None, past: KVCache | None, B: int, T: int, device: torch.device
+    ) -> tuple[Tensor | None, bool]:
+        """Boolean mask [B, 1, T, P + T] (True = may attend), or None with SDPA's causal flag."""
+        causal = self.config.causal
+        if past is None and pad_mask is None:
+            return None, causal  # fast path: full (or plain causal) attention, fused kernels
+        keys = (
+            pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+        )
+        allowed = keys[:, None, :].expand(B, T, T)  # [B, T query, T key]
+        if causal:
+            allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        # each query may always see itself: a padding query row then has one key and stays finite,
+        # while a real row is unchanged (it sees itself anyway)
+        allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)
+        if past is not None:
+            old = past.pad_mask.to(device)[:, None, :].expand(B, T, past.length)
+            allowed = torch.cat([old, allowed], dim=2)  # [B, T, P + T]
+        return allowed[:, None], False
