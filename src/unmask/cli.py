@@ -10,12 +10,14 @@ from unmask.errors import UnmaskError
 
 def build_parser() -> argparse.ArgumentParser:
     from unmask.corpus import cli as corpus_cli
+    from unmask.models import cli as models_cli
     from unmask.tokenizers import cli as tokenizers_cli
 
     parser = argparse.ArgumentParser(prog="unmask", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     tokenizers_cli.add_parsers(sub)
     corpus_cli.add_parsers(sub)
+    models_cli.add_parsers(sub)
     return parser
 
 

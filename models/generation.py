@@ -1,0 +1,349 @@
+"""From a user's request to output: prompt/template → canvas → sampler → text or MIDI bytes.
+
+`Generator` holds one loaded model and its vocabulary. It serves the diffusion model (masked
+spans, any number of gaps) and the autoregressive baseline (prompt continuation only) with the
+same calls, so the CLI, the Engine and the benchmarks share one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unmask.errors import InvalidArgument, MidiError
+from unmask.models import checkpoint
+from unmask.models.canvas import Canvas, Fixed, Masked, Segment
+from unmask.models.sampler import (
+    SampleResult,
+    SamplerVocab,
+    StepEvent,
+    generate,
+    generate_ar,
+)
+from unmask.models.sampler_params import ARParams, SamplerParams
+from unmask.tokenizers.specials import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
+from unmask.tokenizers.vocab import UnifiedVocab, check_modality
+
+MASK_MARKER = re.compile(r"\[MASK:(\d+)\]")
+DEFAULT_MIDI_PREFIX = ("Track_Start", "Program_73", "Bar_None", "TimeSig_4/4")
+
+
+def default_model_dir(name: str = "model") -> Path:
+    import unmask
+
+    return Path(unmask.__file__).parent / "assets" / name
+
+
+@dataclass
+class Generation:
+    """One finished generation with the usage numbers the service reports."""
+
+    modality: str
+    output: str | bytes  # text/code, or a standard MIDI file
+    ids: list[int]  # the whole canvas (prompt + generated), specials included
+    generated_ids: list[int]
+    prompt_tokens: int
+    nfe: int
+    steps: int
+    tokens_per_forward: float
+    latency_s: float
+    finish_reason: str
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.generated_ids)
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "nfe": self.nfe,
+            "steps": self.steps,
+            "tokens_per_forward": round(self.tokens_per_forward, 3),
+            "latency_s": round(self.latency_s, 4),
+            "finish_reason": self.finish_reason,
+        }
+
+
+def fit_params(params: SamplerParams, n_masked: int) -> SamplerParams:
+    """The same knobs for a canvas with `n_masked` positions (infill decides the length)."""
+    if params.gen_length == n_masked:
+        return params
+    block = params.block_length if params.block_length and params.block_length <= n_masked else None
+    n_blocks = -(-n_masked // block) if block else 1
+    steps = min(max(round(params.steps * n_masked / params.gen_length), n_blocks), n_masked)
+    return dataclasses.replace(
+        params,
+        gen_length=n_masked,
+        block_length=block,
+        steps=steps,
+        remask_budget=min(params.remask_budget, n_masked),
+    )
+
+
+def parse_template(template: str) -> list[str | int]:
+    """'a [MASK:5] b' → ['a ', 5, ' b']: strings are fixed text, ints are gap lengths."""
+    parts: list[str | int] = []
+    pos = 0
+    for m in MASK_MARKER.finditer(template):
+        if m.start() > pos:
+            parts.append(template[pos : m.start()])
+        n = int(m.group(1))
+        if n < 1:
+            raise InvalidArgument("a [MASK:n] gap needs n >= 1", field="template", value=n)
+        parts.append(n)
+        pos = m.end()
+    if pos < len(template):
+        parts.append(template[pos:])
+    if not any(isinstance(p, int) for p in parts):
+        raise InvalidArgument("the template has no [MASK:n] gap", field="template")
+    return parts
+
+
+class Generator:
+    def __init__(self, model: torch.nn.Module, vocab: UnifiedVocab, meta: dict) -> None:
+        self.model = model.eval()
+        self.vocab = vocab
+        self.meta = meta
+        self.sampler_vocab = SamplerVocab.from_vocab(vocab)
+        self.is_ar = bool(getattr(model.config, "causal", False))
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, device: str = "cpu") -> Generator:
+        model, vocab, meta = checkpoint.load(
+            Path(model_dir) if model_dir else default_model_dir(), device=device
+        )
+        return cls(model, vocab, meta)
+
+    @property
+    def max_len(self) -> int:
+        return int(self.model.config.max_seq_len)
+
+    # ---- canvases --------------------------------------------------------------------------
+    def header(self, modality: str) -> list[int]:
+        return [BOS_ID, self.vocab.tag_id(modality)]
+
+    def prompt_ids(self, modality: str, prompt: str | bytes | None) -> list[int]:
+        """Content ids of a prompt; a MIDI prompt without a file starts a flute track in 4/4."""
+        check_modality(modality)
+        if modality == "midi":
+            if prompt:
+                return self.vocab.encode(prompt, "midi")
+            midi = self.vocab.midi
+            return [
+                self.vocab.ranges.midi_start + midi.tokens.index(t) for t in DEFAULT_MIDI_PREFIX
+            ]
+        if isinstance(prompt, bytes):
+            raise InvalidArgument("a text/code prompt must be a string", field="prompt")
+        return self.vocab.encode_text(prompt or "")
+
+    def _fit_prompt(self, ids: list[int], gen_length: int) -> list[int]:
+        """Keep the most recent prompt tokens that fit the model's window with the header."""
+        room = self.max_len - gen_length - 2
+        if room < 0:
+            raise InvalidArgument(
+                f"must be <= {self.max_len - 2} for this model",
+                field="gen_length",
+                value=gen_length,
+            )
+        return ids[-room:] if room else []
+
+    # ---- calls -----------------------------------------------------------------------------
+    def generate(
+        self,
+        modality: str,
+        prompt: str | bytes | None,
+        params: SamplerParams,
+        on_step: Callable[[StepEvent], None] | None = None,
+    ) -> Generation:
+        full_prompt = self.prompt_ids(modality, prompt)
+        kept = self._fit_prompt(full_prompt, params.gen_length)
+        head = self.header(modality) + kept
+        start = time.perf_counter()
+        if self.is_ar:
+            result = generate_ar(
+                self.model, head, ar_params(params), self.sampler_vocab,
+                modality=modality, on_step=on_step,
+            )  # fmt: skip
+        else:
+            canvas = Canvas([Fixed(head), Masked(params.gen_length, modality)])
+            result = generate(self.model, canvas, params, self.sampler_vocab, on_step)
+        latency = time.perf_counter() - start
+        new = result.generated_ids
+        if modality == "midi":
+            # continue the whole piece, not only the window the model saw
+            output: str | bytes = self._decode_midi(full_prompt + _content(new))
+        else:
+            output = self.vocab.decode(_content(new), modality)
+            if isinstance(prompt, str):
+                output = prompt + output
+        return self._finish(modality, output, result, len(head), latency)
+
+    def infill(
+        self,
+        modality: str,
+        template: str,
+        params: SamplerParams,
+        on_step: Callable[[StepEvent], None] | None = None,
+    ) -> Generation:
+        """Fill every [MASK:n] gap of a text or code template; fixed text stays byte-identical."""
+        if modality == "midi":
+            raise InvalidArgument("MIDI infill takes a file and bars", field="modality")
+        parts = parse_template(template)
+        segments: list[Segment] = [Fixed(self.header(modality))]
+        for p in parts:
+            segments.append(
+                Masked(p, modality) if isinstance(p, int) else Fixed(self.vocab.encode_text(p))
+            )
+        return self._fill(modality, Canvas(segments), params, on_step, parts=parts)
+
+    def infill_midi(
+        self,
+        midi: bytes,
+        bars: list[int],
+        tracks: list[int] | None,
+        params: SamplerParams,
+        on_step: Callable[[StepEvent], None] | None = None,
+    ) -> Generation:
+        """Re-write chosen bars (0-based) of chosen tracks (0-based; None = all); the structural
+        tokens (track, program, bar, time signature) stay, the notes between them are masked."""
+        ids = self.vocab.encode(midi, "midi")
+        spans = midi_bar_spans(self.vocab, ids, bars, tracks)
+        if not spans:
+            raise InvalidArgument("no such bars/tracks in the file", field="bars", value=bars)
+        lo, hi = spans[0][0], spans[-1][1]
+        context = max(0, (self.max_len - 2 - (hi - lo)) // 2)
+        w_lo, w_hi = max(0, lo - context), min(len(ids), hi + context)
+        if (w_hi - w_lo) + 2 > self.max_len:
+            raise InvalidArgument(
+                f"the chosen bars span {hi - lo} tokens; at most {self.max_len - 2} fit",
+                field="bars",
+            )
+        segments: list[Segment] = [Fixed(self.header("midi") + ids[w_lo:lo])]
+        prev = lo
+        for a, b in spans:
+            if a > prev:
+                segments.append(Fixed(ids[prev:a]))
+            segments.append(Masked(b - a, "midi"))
+            prev = b
+        segments.append(Fixed(ids[prev:w_hi]))
+        canvas = Canvas([s for s in segments if len(s)])
+        start = time.perf_counter()
+        result = self._sample(canvas, params, on_step)
+        latency = time.perf_counter() - start
+        window = [i for i in result.ids.tolist()[2:] if i >= NUM_SPECIAL]
+        output = self._decode_midi(ids[:w_lo] + window + ids[w_hi:])
+        return self._finish("midi", output, result, canvas.length - canvas.n_masked, latency)
+
+    # ---- internals -------------------------------------------------------------------------
+    def _sample(self, canvas: Canvas, params: SamplerParams, on_step) -> SampleResult:
+        if self.is_ar:
+            raise InvalidArgument("the autoregressive baseline cannot fill gaps", field="model")
+        if canvas.length > self.max_len:
+            raise InvalidArgument(
+                f"canvas of {canvas.length} tokens exceeds the model's {self.max_len}",
+                field="template",
+            )
+        return generate(
+            self.model, canvas, fit_params(params, canvas.n_masked), self.sampler_vocab, on_step
+        )
+
+    def _fill(self, modality, canvas: Canvas, params, on_step, parts) -> Generation:
+        start = time.perf_counter()
+        result = self._sample(canvas, params, on_step)
+        latency = time.perf_counter() - start
+        ids = result.ids.tolist()
+        # decode gap by gap: the fixed text is returned exactly as given
+        out, pos = [], 2
+        for p in parts:
+            if isinstance(p, int):
+                gap = _content(ids[pos : pos + p])
+                out.append(self.vocab.decode(gap, modality) if gap else "")
+                pos += p
+            else:
+                out.append(p)
+                pos += len(self.vocab.encode_text(p))
+        return self._finish(
+            modality, "".join(out), result, canvas.length - canvas.n_masked, latency
+        )
+
+    def _decode_midi(self, ids: list[int]) -> bytes:
+        try:
+            return self.vocab.decode(ids, "midi")  # type: ignore[return-value]
+        except MidiError:
+            raise MidiError(
+                "the generated MIDI tokens hold no playable notes; try another seed or more steps",
+                field="output",
+            ) from None
+
+    def _finish(self, modality, output, result: SampleResult, prompt_tokens, latency) -> Generation:
+        return Generation(
+            modality=modality,
+            output=output,
+            ids=result.ids.tolist(),
+            generated_ids=result.generated_ids,
+            prompt_tokens=prompt_tokens,
+            nfe=result.nfe,
+            steps=result.steps,
+            tokens_per_forward=result.tokens_per_forward,
+            latency_s=latency,
+            finish_reason=result.finish_reason,
+        )
+
+
+def _content(ids: list[int]) -> list[int]:
+    """Generated ids without specials; stops at the first EOS."""
+    out = []
+    for i in ids:
+        if i == EOS_ID:
+            break
+        if i >= NUM_SPECIAL:
+            out.append(i)
+        elif i != PAD_ID:
+            continue
+    return out
+
+
+def ar_params(p: SamplerParams) -> ARParams:
+    return ARParams(
+        max_new_tokens=p.gen_length, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+        seed=p.seed, stop_at_eos=p.stop_at_eos, grammar=p.grammar,
+    )  # fmt: skip
+
+
+def midi_bar_spans(
+    vocab: UnifiedVocab, ids: list[int], bars: list[int], tracks: list[int] | None
+) -> list[tuple[int, int]]:
+    """[start, end) spans of the non-structural tokens inside the chosen bars of chosen tracks."""
+    structural = vocab.midi_structural_mask()
+    tok = vocab.midi.tokens
+    start_id = vocab.ranges.midi_start + tok.index("Track_Start")
+    bar_id = vocab.ranges.midi_start + tok.index("Bar_None")
+    spans, track, bar = [], -1, -1
+    i = 0
+    while i < len(ids):
+        t = ids[i]
+        if t == start_id:
+            track, bar = track + 1, -1
+        elif t == bar_id:
+            bar += 1
+            if bar in bars and (tracks is None or track in tracks):
+                j = i + 1
+                while j < len(ids) and structural[ids[j]]:
+                    j += 1  # keep the bar's time signature etc. visible
+                k = j
+                while k < len(ids) and ids[k] != bar_id and not structural[ids[k]]:
+                    k += 1
+                if k > j:
+                    spans.append((j, k))
+                i = k
+                continue
+        i += 1
+    return spans
