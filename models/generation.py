@@ -107,6 +107,19 @@ def parse_template(template: str) -> list[str | int]:
     return parts
 
 
+@dataclass
+class Prepared:
+    """A job ready to sample: its canvas (None for the AR baseline: `ar_prompt` instead), the
+    parameters fitted to it, and how to turn the sampler's result into the user's output."""
+
+    modality: str
+    canvas: Canvas | None
+    params: SamplerParams
+    ar_prompt: list[int] | None
+    prompt_tokens: int
+    decode: Callable[[SampleResult], str | bytes]
+
+
 class Generator:
     def __init__(self, model: torch.nn.Module, vocab: UnifiedVocab, meta: dict) -> None:
         self.model = model.eval()
@@ -155,63 +168,72 @@ class Generator:
             )
         return ids[-room:] if room else []
 
-    # ---- calls -----------------------------------------------------------------------------
-    def generate(
-        self,
-        modality: str,
-        prompt: str | bytes | None,
-        params: SamplerParams,
-        on_step: Callable[[StepEvent], None] | None = None,
-    ) -> Generation:
+    # ---- prepare: request -> canvas + how to decode -------------------------------------
+    def prepare(self, request: Any) -> Prepared:
+        """A `GenerationRequest` (engine/request.py) → a job the sampler (or Engine) can run."""
+        if request.kind == "infill":
+            return self.prepare_infill(request.modality, request.template, request.params)
+        if request.kind == "midi_infill":
+            tracks = list(request.tracks) if request.tracks is not None else None
+            return self.prepare_infill_midi(
+                request.midi, list(request.bars), tracks, request.params
+            )
+        prompt = request.midi if request.modality == "midi" else request.prompt
+        return self.prepare_generate(request.modality, prompt, request.params)
+
+    def prepare_generate(
+        self, modality: str, prompt: str | bytes | None, params: SamplerParams
+    ) -> Prepared:
         full_prompt = self.prompt_ids(modality, prompt)
         kept = self._fit_prompt(full_prompt, params.gen_length)
         head = self.header(modality) + kept
-        start = time.perf_counter()
-        if self.is_ar:
-            result = generate_ar(
-                self.model, head, ar_params(params), self.sampler_vocab,
-                modality=modality, on_step=on_step,
-            )  # fmt: skip
-        else:
-            canvas = Canvas([Fixed(head), Masked(params.gen_length, modality)])
-            result = generate(self.model, canvas, params, self.sampler_vocab, on_step)
-        latency = time.perf_counter() - start
-        new = result.generated_ids
-        if modality == "midi":
-            # continue the whole piece, not only the window the model saw
-            output: str | bytes = self._decode_midi(full_prompt + _content(new))
-        else:
-            output = self.vocab.decode(_content(new), modality)
-            if isinstance(prompt, str):
-                output = prompt + output
-        return self._finish(modality, output, result, len(head), latency)
 
-    def infill(
-        self,
-        modality: str,
-        template: str,
-        params: SamplerParams,
-        on_step: Callable[[StepEvent], None] | None = None,
-    ) -> Generation:
+        def decode(result: SampleResult) -> str | bytes:
+            new = _content(result.generated_ids)
+            if modality == "midi":  # continue the whole piece, not only the window the model saw
+                return self._decode_midi(full_prompt + new)
+            text = self.vocab.decode(new, modality) if new else ""
+            return (prompt + text) if isinstance(prompt, str) else text
+
+        if self.is_ar:
+            return Prepared(modality, None, params, head, len(head), decode)
+        canvas = Canvas([Fixed(head), Masked(params.gen_length, modality)])
+        return Prepared(modality, canvas, params, None, len(head), decode)
+
+    def prepare_infill(self, modality: str, template: str, params: SamplerParams) -> Prepared:
         """Fill every [MASK:n] gap of a text or code template; fixed text stays byte-identical."""
         if modality == "midi":
             raise InvalidArgument("MIDI infill takes a file and bars", field="modality")
         parts = parse_template(template)
         segments: list[Segment] = [Fixed(self.header(modality))]
         for p in parts:
-            segments.append(
-                Masked(p, modality) if isinstance(p, int) else Fixed(self.vocab.encode_text(p))
-            )
-        return self._fill(modality, Canvas(segments), params, on_step, parts=parts)
+            if isinstance(p, int):
+                segments.append(Masked(p, modality))
+            else:
+                segments.append(Fixed(self.vocab.encode_text(p)))
+        canvas = self._check_canvas(Canvas(segments))
 
-    def infill_midi(
-        self,
-        midi: bytes,
-        bars: list[int],
-        tracks: list[int] | None,
-        params: SamplerParams,
-        on_step: Callable[[StepEvent], None] | None = None,
-    ) -> Generation:
+        def decode(result: SampleResult) -> str:
+            ids = result.ids.tolist()
+            out, pos = [], 2  # decode gap by gap: the fixed text is returned exactly as given
+            for p in parts:
+                if isinstance(p, int):
+                    gap = _content(ids[pos : pos + p])
+                    out.append(self.vocab.decode(gap, modality) if gap else "")
+                    pos += p
+                else:
+                    out.append(p)
+                    pos += len(self.vocab.encode_text(p))
+            return "".join(out)
+
+        return Prepared(
+            modality, canvas, fit_params(params, canvas.n_masked), None,
+            canvas.length - canvas.n_masked, decode,
+        )  # fmt: skip
+
+    def prepare_infill_midi(
+        self, midi: bytes, bars: list[int], tracks: list[int] | None, params: SamplerParams
+    ) -> Prepared:
         """Re-write chosen bars (0-based) of chosen tracks (0-based; None = all); the structural
         tokens (track, program, bar, time signature) stay, the notes between them are masked."""
         ids = self.vocab.encode(midi, "midi")
@@ -221,11 +243,6 @@ class Generator:
         lo, hi = spans[0][0], spans[-1][1]
         context = max(0, (self.max_len - 2 - (hi - lo)) // 2)
         w_lo, w_hi = max(0, lo - context), min(len(ids), hi + context)
-        if (w_hi - w_lo) + 2 > self.max_len:
-            raise InvalidArgument(
-                f"the chosen bars span {hi - lo} tokens; at most {self.max_len - 2} fit",
-                field="bars",
-            )
         segments: list[Segment] = [Fixed(self.header("midi") + ids[w_lo:lo])]
         prev = lo
         for a, b in spans:
@@ -234,45 +251,62 @@ class Generator:
             segments.append(Masked(b - a, "midi"))
             prev = b
         segments.append(Fixed(ids[prev:w_hi]))
-        canvas = Canvas([s for s in segments if len(s)])
+        canvas = self._check_canvas(Canvas([s for s in segments if len(s)]), field="bars")
+
+        def decode(result: SampleResult) -> bytes:
+            window = [i for i in result.ids.tolist()[2:] if i >= NUM_SPECIAL]
+            return self._decode_midi(ids[:w_lo] + window + ids[w_hi:])
+
+        return Prepared(
+            "midi", canvas, fit_params(params, canvas.n_masked), None,
+            canvas.length - canvas.n_masked, decode,
+        )  # fmt: skip
+
+    # ---- run -------------------------------------------------------------------------------
+    def run(self, job: Prepared, on_step: Callable[[StepEvent], None] | None = None) -> Generation:
         start = time.perf_counter()
-        result = self._sample(canvas, params, on_step)
-        latency = time.perf_counter() - start
-        window = [i for i in result.ids.tolist()[2:] if i >= NUM_SPECIAL]
-        output = self._decode_midi(ids[:w_lo] + window + ids[w_hi:])
-        return self._finish("midi", output, result, canvas.length - canvas.n_masked, latency)
+        if job.canvas is None:
+            assert job.ar_prompt is not None
+            result = generate_ar(
+                self.model, job.ar_prompt, ar_params(job.params), self.sampler_vocab,
+                modality=job.modality, on_step=on_step,
+            )  # fmt: skip
+        else:
+            result = generate(self.model, job.canvas, job.params, self.sampler_vocab, on_step)
+        return self.finish(job, result, time.perf_counter() - start)
+
+    def finish(self, job: Prepared, result: SampleResult, latency: float) -> Generation:
+        return Generation(
+            modality=job.modality,
+            output=job.decode(result),
+            ids=result.ids.tolist(),
+            generated_ids=result.generated_ids,
+            prompt_tokens=job.prompt_tokens,
+            nfe=result.nfe,
+            steps=result.steps,
+            tokens_per_forward=result.tokens_per_forward,
+            latency_s=latency,
+            finish_reason=result.finish_reason,
+        )
+
+    def generate(self, modality, prompt, params, on_step=None) -> Generation:
+        return self.run(self.prepare_generate(modality, prompt, params), on_step)
+
+    def infill(self, modality, template, params, on_step=None) -> Generation:
+        return self.run(self.prepare_infill(modality, template, params), on_step)
+
+    def infill_midi(self, midi, bars, tracks, params, on_step=None) -> Generation:
+        return self.run(self.prepare_infill_midi(midi, bars, tracks, params), on_step)
 
     # ---- internals -------------------------------------------------------------------------
-    def _sample(self, canvas: Canvas, params: SamplerParams, on_step) -> SampleResult:
+    def _check_canvas(self, canvas: Canvas, field: str = "template") -> Canvas:
         if self.is_ar:
             raise InvalidArgument("the autoregressive baseline cannot fill gaps", field="model")
         if canvas.length > self.max_len:
             raise InvalidArgument(
-                f"canvas of {canvas.length} tokens exceeds the model's {self.max_len}",
-                field="template",
+                f"canvas of {canvas.length} tokens exceeds the model's {self.max_len}", field=field
             )
-        return generate(
-            self.model, canvas, fit_params(params, canvas.n_masked), self.sampler_vocab, on_step
-        )
-
-    def _fill(self, modality, canvas: Canvas, params, on_step, parts) -> Generation:
-        start = time.perf_counter()
-        result = self._sample(canvas, params, on_step)
-        latency = time.perf_counter() - start
-        ids = result.ids.tolist()
-        # decode gap by gap: the fixed text is returned exactly as given
-        out, pos = [], 2
-        for p in parts:
-            if isinstance(p, int):
-                gap = _content(ids[pos : pos + p])
-                out.append(self.vocab.decode(gap, modality) if gap else "")
-                pos += p
-            else:
-                out.append(p)
-                pos += len(self.vocab.encode_text(p))
-        return self._finish(
-            modality, "".join(out), result, canvas.length - canvas.n_masked, latency
-        )
+        return canvas
 
     def _decode_midi(self, ids: list[int]) -> bytes:
         try:
@@ -282,20 +316,6 @@ class Generator:
                 "the generated MIDI tokens hold no playable notes; try another seed or more steps",
                 field="output",
             ) from None
-
-    def _finish(self, modality, output, result: SampleResult, prompt_tokens, latency) -> Generation:
-        return Generation(
-            modality=modality,
-            output=output,
-            ids=result.ids.tolist(),
-            generated_ids=result.generated_ids,
-            prompt_tokens=prompt_tokens,
-            nfe=result.nfe,
-            steps=result.steps,
-            tokens_per_forward=result.tokens_per_forward,
-            latency_s=latency,
-            finish_reason=result.finish_reason,
-        )
 
 
 def _content(ids: list[int]) -> list[int]:

@@ -25,3 +25,38 @@ def chorale_midi() -> bytes:
     data = chorale_to_midi(path)
     assert data is not None
     return data
+
+
+def save_tiny_model(directory: Path, vocab, causal: bool = False, max_seq_len: int = 256) -> Path:
+    """A randomly initialised, tiny model with the shipped vocabulary (fast CPU tests)."""
+    import torch
+
+    from unmask.models import checkpoint
+    from unmask.models.network import Denoiser, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=vocab.size, d_model=32, n_layers=1, n_heads=2, max_seq_len=max_seq_len,
+        causal=causal, mask_id=vocab.mask_id,
+    )  # fmt: skip
+    return checkpoint.save(directory, Denoiser(cfg), vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, vocab) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-diffusion"), vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_ar_dir(tmp_path_factory, vocab) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-ar"), vocab, causal=True)
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

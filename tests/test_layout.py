@@ -35,7 +35,7 @@ def test_hf_tokenizers_wins_under_python_m_from_repo_root(tmp_path):
 
 
 def test_top_level_folders_are_not_regular_packages():
-    for folder in ("tokenizers", "models", "service", "workers", "corpus"):
+    for folder in ("tokenizers", "models", "service", "workers", "corpus", "engine"):
         assert not (REPO / folder / "__init__.py").exists(), folder
 
 
