@@ -115,10 +115,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from unmask.models.evaluate import add_eval_args
     from unmask.models.train import add_train_args
 
     p = sub.add_parser("train", help="train the diffusion model or the AR baseline")
     add_train_args(p)
+
+    p = sub.add_parser("eval", help="held-out likelihood and sample metrics per modality")
+    add_eval_args(p)
 
     p = sub.add_parser("generate", help="continue a prompt (text, code or MIDI)")
     p.add_argument("--modality", default="text", help="text | code | midi")

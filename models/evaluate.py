@@ -1,0 +1,629 @@
+"""Held-out evaluation of a model directory: likelihood and sample quality per modality.
+
+`evaluate_model(EvalConfig(...))` returns one JSON-serialisable dict; `unmask eval` prints it as
+a table (or as JSON with --json). For every modality present in the chosen split:
+
+Likelihood (the same deterministic batches as training's validation, `models.train.evaluate`):
+  * diffusion model: `nelbo_per_token` = Monte-Carlo NELBO with `t_samples` antithetic
+    (stratified) times per sequence, in nats per document token (content + EOS), and
+    `ppl_bound` = exp(nelbo), an upper bound on the perplexity;
+  * AR model: `nll_per_token` (exact) and `ppl`;
+  * with `ar_model`: `ar_nll_per_token` / `ar_ppl` of the AR baseline on the same batches.
+
+Samples: `n_samples` generations per modality through `Generator` (the AR baseline gets the same
+prompts as `ar_samples`). Prompt i is the first `prompt_tokens` content ids of a held-out document
+(documents evenly spaced over the split, cycling when there are fewer than n_samples; a MIDI
+document without tokens falls back to the default MIDI start). Generation i uses seed + i.
+  * `unigram_entropy_bits`: mean over generations of the entropy (bits) of the unigram
+    distribution of the generated content ids (specials dropped, cut at the first EOS);
+  * `nfe`, `tokens_per_forward`, `latency_s`: means; `tokens_per_s` = generated / total latency.
+  * code: `parse_rate` = share whose text (prompt + generation) parses with `ast.parse`;
+    `parse_rate_trimmed` = share whose longest prefix of complete lines that parses reaches past
+    the prompt into at least one non-blank generated line (a line is complete when a newline ends
+    it, or it is the last line and the model stopped with EOS; the cut-off last line of a
+    length-limited generation is not), and `parsed_char_share` = mean share of the generated
+    characters inside that prefix.
+  * midi: `valid_rate` = share whose output (prompt + generation) decodes to a MIDI file with at
+    least one note (a MidiError counts as invalid); `new_notes_rate` = share where the
+    generation itself added a note (notes of prompt + generation minus the prompt's own);
+    `type_error_rate` = sum of `vocab.count_midi_type_errors(generated ids)` / generated ids;
+    `pitch_class_overlap` / `duration_overlap` = overlap area (models/music_metrics.py) between
+    the pooled generated notes and the pooled notes of up to `midi_reference_docs` held-out
+    documents (None when the generations hold no note).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unmask.corpus.shards import MODALITIES, DocArray, load_split
+from unmask.errors import InvalidArgument, MidiError, TokenizerError, VocabMismatch
+from unmask.models import music_metrics as mm
+from unmask.models.data import PREFIX_LEN, SpecialIds, eval_batches
+from unmask.models.generation import Generation, Generator, default_model_dir
+from unmask.models.sampler_params import CACHE_MODES, SamplerParams
+from unmask.models.train import TrainConfig, evaluate, resolve_device
+
+SPLITS = ("val", "test")
+
+
+@dataclass
+class EvalConfig:
+    # what to evaluate
+    model: str = ""  # model directory ("" = the model shipped with unmask)
+    corpus: str = "data/corpus"  # built corpus directory
+    split: str = "test"  # "test" | "val"
+    ar_model: str | None = None  # optional AR baseline directory, evaluated next to the model
+    modalities: tuple[str, ...] = ()  # () = every modality present in the split
+    # likelihood
+    batches: int = 8  # evaluation batches per modality
+    batch_size: int = 8  # rows per batch
+    t_samples: int = 8  # antithetic diffusion times per sequence in the NELBO estimate
+    eps: float = 1e-3  # smallest diffusion time
+    # samples
+    n_samples: int = 8  # generations per modality
+    prompt_tokens: int = 16  # content ids of a held-out document used as the prompt
+    gen_length: int = 128  # tokens to generate
+    steps: int = 64  # denoising steps (diffusion)
+    block_length: int | None = None  # semi-autoregressive block size (None = one block)
+    threshold: float | None = None  # confidence-threshold parallel decoding (None = fixed)
+    temperature: float = 0.0  # 0 = greedy
+    use_cache: str = "none"  # "none" | "prefix" | "dual"
+    seed: int = 0  # generation i uses seed + i; the NELBO noise is seeded from it too
+    midi_reference_docs: int = 30  # held-out MIDI documents pooled for the histograms
+    # machine
+    device: str = "cpu"  # "cpu" | "cuda" | "cuda:N" | "auto"
+    num_threads: int = 0  # torch CPU threads while evaluating (0 = leave as is)
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        if self.split not in SPLITS:
+            raise InvalidArgument(
+                f"must be one of {', '.join(SPLITS)}", field="split", value=self.split
+            )
+        for m in self.modalities:
+            if m not in MODALITIES:
+                raise InvalidArgument(
+                    f"unknown modality; expected one of {', '.join(MODALITIES)}",
+                    field="modalities",
+                    value=m,
+                )
+        minimum = {"batches": 1, "batch_size": 1, "t_samples": 1, "n_samples": 0}
+        minimum |= {"prompt_tokens": 0, "midi_reference_docs": 0, "num_threads": 0, "seed": 0}
+        for name, lo in minimum.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise InvalidArgument(f"must be an integer >= {lo}", field=name, value=value)
+        if not 0.0 <= self.eps < 1.0:
+            raise InvalidArgument("must lie in [0, 1)", field="eps", value=self.eps)
+        self.sampler_params(0)  # SamplerParams validates the decoding knobs
+
+    def sampler_params(self, index: int) -> SamplerParams:
+        """Decoding parameters of generation `index` (seed + index)."""
+        return SamplerParams(
+            gen_length=self.gen_length,
+            steps=self.steps,
+            block_length=self.block_length,
+            threshold=self.threshold,
+            temperature=self.temperature,
+            use_cache=self.use_cache,
+            seed=self.seed + index,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["modalities"] = list(self.modalities)
+        return d
+
+
+# ---- small metrics -----------------------------------------------------------------------------
+
+
+def unigram_entropy(ids: Sequence[int]) -> float:
+    """Entropy in bits of the unigram distribution of `ids` (0.0 for an empty sequence)."""
+    if len(ids) == 0:
+        return 0.0
+    counts = np.array(list(Counter(int(i) for i in ids).values()), dtype=np.float64)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum() + 0.0)  # + 0.0 turns -0.0 into 0.0
+
+
+def parses(source: str) -> bool:
+    """Whether `source` is valid Python (ast.parse without warnings)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ast.parse(source)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return False
+    return True
+
+
+def parsing_prefix(source: str, *, last_line_complete: bool = False) -> int:
+    """Length in characters of the longest prefix of complete lines of `source` that parses.
+
+    A line is complete when a newline ends it; the last line without one counts only when
+    `last_line_complete` (e.g. the model ended the snippet with EOS). 0 when no such prefix."""
+    lines = source.splitlines(keepends=True)
+    if lines and not last_line_complete and not lines[-1].endswith(("\n", "\r")):
+        lines.pop()
+    ends = np.cumsum([len(line) for line in lines]).tolist()
+    for k in range(len(lines), 0, -1):
+        if parses(source[: ends[k - 1]]):
+            return int(ends[k - 1])
+    return 0
+
+
+def _ppl(nats: float) -> float:
+    return math.exp(min(nats, 700.0))
+
+
+# ---- model loading -----------------------------------------------------------------------------
+
+
+class _EvalGenerator(Generator):
+    """A Generator that takes prompts as content ids (held-out documents are ids already, so they
+    are not re-tokenised) and returns b"" instead of raising for MIDI that decodes to no notes."""
+
+    def prompt_ids(self, modality: str, prompt: Any) -> list[int]:
+        if isinstance(prompt, list):
+            return [int(i) for i in prompt]
+        return super().prompt_ids(modality, prompt)
+
+    def _decode_midi(self, ids: list[int]) -> bytes:
+        try:
+            return super()._decode_midi(ids)
+        except (MidiError, TokenizerError):
+            return b""
+
+
+def _model_info(gen: Generator, directory: str | Path) -> dict[str, Any]:
+    meta, training = gen.meta, gen.meta.get("training", {}) or {}
+    return {
+        "dir": str(directory),
+        "name": meta.get("name"),
+        "objective": meta.get("objective", "ar" if gen.is_ar else "diffusion"),
+        "parameters": meta.get("parameters"),
+        "tokens_seen": training.get("tokens_seen"),
+        "steps": training.get("steps"),
+        "train_wall_time_s": training.get("wall_time_s"),
+        "hardware": training.get("hardware"),
+        "seq_len": gen.max_len,
+        "vocab_hash": gen.vocab.content_hash,
+    }
+
+
+def _check_corpus(corpus: Path, docs: dict[str, DocArray], vocab: Any) -> None:
+    manifest = corpus / "manifest.json"
+    if manifest.exists():
+        try:
+            recorded = json.loads(manifest.read_text()).get("vocab", {}).get("content_hash")
+        except (json.JSONDecodeError, AttributeError):
+            recorded = None
+        if recorded and recorded != vocab.content_hash:
+            raise VocabMismatch(
+                f"corpus {corpus} was tokenized with vocabulary {recorded}, the model uses "
+                f"{vocab.content_hash}",
+                field="corpus",
+                value=str(corpus),
+            )
+    for m, d in docs.items():
+        if d.n_tokens and int(d.tokens.max()) >= vocab.size:
+            raise VocabMismatch(
+                f"corpus {m} documents hold ids beyond the model's vocabulary of {vocab.size}",
+                field="corpus",
+                value=str(corpus),
+            )
+
+
+# ---- likelihood --------------------------------------------------------------------------------
+
+
+def _likelihood(
+    gen: Generator, docs: dict[str, DocArray], cfg: EvalConfig, seq_len: int, device
+) -> dict[str, float]:
+    """Nats per document token per modality, via training's own `evaluate` (same batches)."""
+    train_cfg = TrainConfig(
+        objective="ar" if gen.is_ar else "diffusion",
+        seq_len=seq_len,
+        batch_size=cfg.batch_size,
+        eval_batches=cfg.batches,
+        eval_samples=cfg.t_samples,
+        eps=cfg.eps,
+        seed=cfg.seed,
+    )
+    return evaluate(gen.model, docs, SpecialIds.from_vocab(gen.vocab), train_cfg, device)
+
+
+def _batch_counts(docs: DocArray, modality: str, vocab, cfg: EvalConfig, seq_len: int):
+    n_docs = n_tokens = 0
+    for batch in eval_batches(
+        docs,
+        modality,
+        SpecialIds.from_vocab(vocab),
+        seq_len=seq_len,
+        batch_size=cfg.batch_size,
+        max_batches=cfg.batches,
+    ):
+        n_docs += len(batch)
+        n_tokens += int(batch.doc_tokens.sum())
+    return n_docs, n_tokens
+
+
+# ---- samples -----------------------------------------------------------------------------------
+
+
+def _pick(n_docs: int, n: int, eligible: list[int]) -> list[int]:
+    pool = eligible or list(range(n_docs))
+    if not pool:
+        return []
+    if n <= len(pool):
+        return [pool[(i * len(pool)) // n] for i in range(n)]
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def held_out_prompts(docs: DocArray, n: int, k: int) -> list[list[int]]:
+    """First k content ids of n held-out documents, evenly spaced over those longer than k."""
+    eligible = [j for j in range(len(docs)) if len(docs[j]) > k]
+    return [[int(i) for i in docs[j][:k]] for j in _pick(len(docs), n, eligible)]
+
+
+def _reference_notes(docs: DocArray, vocab: Any, limit: int) -> tuple[list[mm.Note], int]:
+    notes: list[mm.Note] = []
+    used = 0
+    for j in _pick(len(docs), min(limit, len(docs)), []):
+        try:
+            notes += mm.read_notes(vocab.decode([int(i) for i in docs[j]], "midi"))
+            used += 1
+        except (MidiError, TokenizerError):
+            continue
+    return notes, used
+
+
+def _prompt_notes(vocab: Any, prompt: list[int]) -> Counter:
+    if not prompt:
+        return Counter()
+    try:
+        return Counter(mm.read_notes(vocab.decode(prompt, "midi")))
+    except (MidiError, TokenizerError):
+        return Counter()
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _samples(
+    gen: Generator,
+    modality: str,
+    prompts: list[list[int]],
+    cfg: EvalConfig,
+    reference: tuple[list[mm.Note], int] | None,
+    log: Callable[[str], None],
+    label: str,
+) -> dict[str, Any]:
+    vocab = gen.vocab
+    runs: list[tuple[list[int], Generation, list[int]]] = []
+    for i, prompt in enumerate(prompts):
+        call_prompt = prompt if (prompt or modality != "midi") else None
+        g = gen.generate(modality, call_prompt, cfg.sampler_params(i))
+        runs.append((prompt, g, vocab.strip_specials(g.generated_ids)))
+        log(f"  {label} {modality} sample {i + 1}/{len(prompts)}: {g.latency_s:.2f} s")
+    latency = sum(g.latency_s for _, g, _ in runs)
+    generated = sum(len(c) for _, _, c in runs)
+    out: dict[str, Any] = {
+        "n": len(runs),
+        "prompt_tokens_mean": _mean([len(p) for p, _, _ in runs]),
+        "generated_tokens_mean": _mean([len(c) for _, _, c in runs]),
+        "unigram_entropy_bits": _mean([unigram_entropy(c) for _, _, c in runs]),
+        "nfe": _mean([g.nfe for _, g, _ in runs]),
+        "tokens_per_forward": _mean([g.tokens_per_forward for _, g, _ in runs]),
+        "latency_s": _mean([g.latency_s for _, g, _ in runs]),
+        "tokens_per_s": generated / latency if latency > 0 else None,
+        "finish_reasons": dict(Counter(g.finish_reason for _, g, _ in runs)),
+    }
+    if modality in ("text", "code"):
+        texts = []
+        ok = ok_trim = 0
+        shares = []
+        for prompt, g, content in runs:
+            head = vocab.decode(prompt, modality) if prompt else ""
+            full = vocab.decode(prompt + content, modality) if prompt + content else ""
+            texts.append(full)
+            if modality != "code":
+                continue
+            ok += parses(full)
+            kept = parsing_prefix(full, last_line_complete=g.finish_reason == "eos")
+            ok_trim += bool(full[len(head) : kept].strip())
+            shares.append(max(0, kept - len(head)) / max(1, len(full) - len(head)))
+        if modality == "code" and runs:
+            out["parse_rate"] = ok / len(runs)
+            out["parse_rate_trimmed"] = ok_trim / len(runs)
+            out["parsed_char_share"] = _mean(shares)
+        out["examples"] = [t[:400] for t in texts[:3]]
+    elif modality == "midi":
+        valid = new = errors = 0
+        pooled: list[mm.Note] = []
+        for prompt, g, content in runs:
+            data = g.output if isinstance(g.output, bytes) else b""
+            valid += mm.has_notes(data)
+            errors += vocab.count_midi_type_errors(content)
+            try:
+                added = Counter(mm.read_notes(data)) - _prompt_notes(vocab, prompt)
+            except MidiError:
+                added = Counter()
+            new += bool(added)
+            pooled += list(added.elements())
+        ref_notes, ref_docs = reference if reference else ([], 0)
+        have = bool(pooled) and bool(ref_notes)
+        out |= {
+            "valid_rate": valid / len(runs) if runs else None,
+            "new_notes_rate": new / len(runs) if runs else None,
+            "type_error_rate": errors / generated if generated else None,
+            "pitch_class_overlap": (
+                mm.overlap_area(
+                    mm.pitch_class_histogram(pooled), mm.pitch_class_histogram(ref_notes)
+                )
+                if have
+                else None
+            ),
+            "duration_overlap": (
+                mm.overlap_area(mm.duration_histogram(pooled), mm.duration_histogram(ref_notes))
+                if have
+                else None
+            ),
+            "generated_notes": len(pooled),
+            "reference_notes": len(ref_notes),
+            "reference_docs": ref_docs,
+        }
+    return out
+
+
+# ---- the whole evaluation ----------------------------------------------------------------------
+
+
+def evaluate_model(cfg: EvalConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate cfg.model (and cfg.ar_model) on cfg.split of cfg.corpus; see the module doc."""
+    log = log or (lambda _msg: None)
+    threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _evaluate_model(cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate_model(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model_dir = Path(cfg.model) if cfg.model else default_model_dir()
+    gen = _EvalGenerator.load(model_dir, device=str(device))
+    ar_gen = _EvalGenerator.load(cfg.ar_model, device=str(device)) if cfg.ar_model else None
+    if ar_gen is not None and ar_gen.vocab.content_hash != gen.vocab.content_hash:
+        raise VocabMismatch(
+            "the AR baseline and the model use different vocabularies",
+            field="ar_model",
+            value=cfg.ar_model,
+        )
+    seq_len = min(gen.max_len, ar_gen.max_len if ar_gen else gen.max_len)
+    if cfg.n_samples and cfg.gen_length > seq_len - PREFIX_LEN - 1:
+        raise InvalidArgument(
+            f"must be <= {seq_len - PREFIX_LEN - 1} for this model (canvas of {seq_len})",
+            field="gen_length",
+            value=cfg.gen_length,
+        )
+
+    corpus = Path(cfg.corpus)
+    split_docs = load_split(corpus, cfg.split)
+    wanted = cfg.modalities or MODALITIES
+    docs = {m: split_docs[m] for m in MODALITIES if m in wanted and len(split_docs.get(m, ())) > 0}
+    if not docs:
+        raise InvalidArgument(
+            f"no {cfg.split} documents of {', '.join(wanted)} in {corpus}",
+            field="corpus",
+            value=str(corpus),
+        )
+    _check_corpus(corpus, docs, gen.vocab)
+
+    log(f"likelihood on {cfg.split} ({', '.join(docs)})")
+    t0 = time.perf_counter()
+    nats = _likelihood(gen, docs, cfg, seq_len, device)
+    ar_nats = _likelihood(ar_gen, docs, cfg, seq_len, device) if ar_gen else {}
+    likelihood_s = time.perf_counter() - t0
+
+    per_modality: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    for m, d in docs.items():
+        n_docs, n_tokens = _batch_counts(d, m, gen.vocab, cfg, seq_len)
+        row: dict[str, Any] = {"docs": len(d), "eval_docs": n_docs, "eval_tokens": n_tokens}
+        if m in nats:
+            key, ppl = ("nll_per_token", "ppl") if gen.is_ar else ("nelbo_per_token", "ppl_bound")
+            row[key], row[ppl] = nats[m], _ppl(nats[m])
+        if m in ar_nats:
+            row["ar_nll_per_token"], row["ar_ppl"] = ar_nats[m], _ppl(ar_nats[m])
+        if cfg.n_samples:
+            prompts = held_out_prompts(d, cfg.n_samples, cfg.prompt_tokens)
+            reference = (
+                _reference_notes(d, gen.vocab, cfg.midi_reference_docs) if m == "midi" else None
+            )
+            row["samples"] = _samples(gen, m, prompts, cfg, reference, log, "model")
+            if ar_gen is not None:
+                row["ar_samples"] = _samples(ar_gen, m, prompts, cfg, reference, log, "AR")
+        per_modality[m] = row
+    sampling_s = time.perf_counter() - t0
+
+    return {
+        "config": cfg.to_dict(),
+        "model": _model_info(gen, model_dir),
+        "ar_model": _model_info(ar_gen, cfg.ar_model) if ar_gen and cfg.ar_model else None,
+        "corpus": {"dir": str(corpus), "split": cfg.split},
+        "seq_len": seq_len,
+        "device": str(device),
+        "modalities": per_modality,
+        "timings": {"likelihood_s": round(likelihood_s, 3), "sampling_s": round(sampling_s, 3)},
+        "wall_time_s": round(time.perf_counter() - start, 3),
+    }
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def _f(value: Any, fmt: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, fmt)
+    return str(value)
+
+
+def _describe(info: dict[str, Any]) -> str:
+    params = info.get("parameters")
+    tokens = info.get("tokens_seen")
+    bits = [info.get("objective") or "?"]
+    if isinstance(params, int):
+        bits.append(f"{params / 1e6:.2f}M params")
+    if isinstance(tokens, int):
+        bits.append(f"{tokens / 1e6:.1f}M tokens seen")
+    return f"{info['dir']} ({', '.join(bits)})"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """A readable summary of an `evaluate_model` result."""
+    cfg, mods = result["config"], result["modalities"]
+    lines = [f"model    {_describe(result['model'])}"]
+    if result.get("ar_model"):
+        lines.append(f"AR       {_describe(result['ar_model'])}")
+    lines.append(
+        f"corpus   {result['corpus']['dir']}  split {result['corpus']['split']}  "
+        f"canvas {result['seq_len']}  device {result['device']}  wall {result['wall_time_s']:.1f} s"
+    )
+    is_ar = result["model"].get("objective") == "ar"
+    metric = "NLL" if is_ar else "NELBO"
+    ppl_name = "ppl" if is_ar else "ppl<="
+    lines += ["", f"likelihood: nats per document token ({metric}; t-samples {cfg['t_samples']})"]
+    head = f"{'modality':<9}{'docs':>6}{'tokens':>9}{metric:>9}{ppl_name:>10}"
+    has_ar = any("ar_ppl" in r for r in mods.values())
+    if has_ar:
+        head += f"{'AR NLL':>9}{'AR ppl':>10}"
+    lines.append(head)
+    for m, r in mods.items():
+        nat = r.get("nll_per_token", r.get("nelbo_per_token"))
+        ppl = r.get("ppl", r.get("ppl_bound"))
+        line = f"{m:<9}{r['eval_docs']:>6}{r['eval_tokens']:>9}{_f(nat):>9}{_f(ppl, '.4g'):>10}"
+        if has_ar:
+            line += f"{_f(r.get('ar_nll_per_token')):>9}{_f(r.get('ar_ppl'), '.4g'):>10}"
+        lines.append(line)
+
+    sampled = [(m, r) for m, r in mods.items() if "samples" in r]
+    if sampled:
+        lines += [
+            "",
+            f"samples: {cfg['n_samples']} per modality, prompt {cfg['prompt_tokens']} tokens, "
+            f"gen_length {cfg['gen_length']}, steps {cfg['steps']}, block {cfg['block_length']}, "
+            f"threshold {cfg['threshold']}, cache {cfg['use_cache']}, T {cfg['temperature']}",
+            f"{'modality':<9}{'model':<7}{'entropy':>8}{'NFE':>8}{'tok/fwd':>8}{'latency':>9}"
+            f"{'tok/s':>8}  quality",
+        ]
+        for m, r in sampled:
+            for label, key in (("model", "samples"), ("AR", "ar_samples")):
+                s = r.get(key)
+                if s is None:
+                    continue
+                if m == "code":
+                    quality = (
+                        f"parse {_f(s.get('parse_rate'), '.2f')}, trimmed "
+                        f"{_f(s.get('parse_rate_trimmed'), '.2f')} "
+                        f"(kept {_f(s.get('parsed_char_share'), '.2f')})"
+                    )
+                elif m == "midi":
+                    quality = (
+                        f"valid {_f(s.get('valid_rate'), '.2f')}, new notes "
+                        f"{_f(s.get('new_notes_rate'), '.2f')}, type err "
+                        f"{_f(s.get('type_error_rate'))}, pitch-class "
+                        f"{_f(s.get('pitch_class_overlap'), '.2f')}, duration "
+                        f"{_f(s.get('duration_overlap'), '.2f')}"
+                    )
+                else:
+                    quality = ""
+                lat = s.get("latency_s")
+                lines.append(
+                    f"{m:<9}{label:<7}{_f(s.get('unigram_entropy_bits'), '.2f'):>8}"
+                    f"{_f(s.get('nfe'), '.1f'):>8}{_f(s.get('tokens_per_forward'), '.2f'):>8}"
+                    f"{(_f(lat, '.3f') + 's') if lat is not None else '-':>9}"
+                    f"{_f(s.get('tokens_per_s'), '.1f'):>8}  {quality}"
+                )
+    return "\n".join(lines)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def _modalities(text: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [m for m in items if m not in MODALITIES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown modality {bad[0]!r}")
+    return items
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of `unmask eval`; defaults are EvalConfig's."""
+    d = EvalConfig()
+    a = parser.add_argument
+    a("--model", default=d.model, metavar="DIR", help="model directory (default: shipped model)")
+    a("--ar-model", default=None, metavar="DIR", help="AR baseline evaluated next to it")
+    a("--corpus", default=d.corpus, metavar="DIR", help=f"built corpus (default: {d.corpus})")
+    a("--split", default=d.split, choices=SPLITS, help=f"held-out split (default: {d.split})")
+    a("--modalities", type=_modalities, default=(), metavar="M,...", help="default: all present")
+    a("--batches", type=int, default=d.batches, help=f"batches per modality ({d.batches})")
+    a("--batch-size", type=int, default=d.batch_size, help=f"rows per batch ({d.batch_size})")
+    a("--t-samples", type=int, default=d.t_samples, help=f"NELBO t-samples ({d.t_samples})")
+    a("--samples", dest="n_samples", type=int, default=d.n_samples, metavar="N",
+      help=f"generations per modality ({d.n_samples}; 0 = likelihood only)")  # fmt: skip
+    a("--prompt-tokens", type=int, default=d.prompt_tokens, help=f"({d.prompt_tokens})")
+    a("--gen-length", type=int, default=d.gen_length, help=f"({d.gen_length})")
+    a("--steps", type=int, default=d.steps, help=f"denoising steps ({d.steps})")
+    a("--block-length", type=int, default=d.block_length, help="semi-AR block (default: none)")
+    a("--threshold", type=float, default=d.threshold, help="parallel-decoding threshold")
+    a("--temperature", type=float, default=d.temperature, help=f"({d.temperature})")
+    a("--use-cache", default=d.use_cache, choices=CACHE_MODES, help=f"({d.use_cache})")
+    a("--seed", type=int, default=d.seed, help=f"({d.seed})")
+    a("--midi-reference-docs", type=int, default=d.midi_reference_docs)
+    a("--device", default=d.device, help=f"({d.device})")
+    a("--threads", dest="num_threads", type=int, default=d.num_threads, help="0 = as is")
+    a("--json", action="store_true", help="print the result as JSON")
+    a("--out", metavar="FILE", help="also write the JSON result to FILE")
+    a("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(func=run_eval)
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    names = {f for f in EvalConfig.__dataclass_fields__}
+    return replace(EvalConfig(), **{k: v for k, v in vars(args).items() if k in names})
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    quiet = getattr(args, "quiet", False)
+    result = evaluate_model(cfg, log=None if quiet else lambda s: print(s, file=sys.stderr))
+    text = json.dumps(result, indent=2)
+    if getattr(args, "out", None):
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text if getattr(args, "json", False) else format_report(result))
+    return 0
