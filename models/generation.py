@@ -184,16 +184,25 @@ class Generator:
     def prepare_generate(
         self, modality: str, prompt: str | bytes | None, params: SamplerParams
     ) -> Prepared:
-        full_prompt = self.prompt_ids(modality, prompt)
-        kept = self._fit_prompt(full_prompt, params.gen_length)
+        text_prefix = prompt if isinstance(prompt, str) else ""
+        return self.prepare_from_ids(
+            modality, self.prompt_ids(modality, prompt), params, text_prefix
+        )
+
+    def prepare_from_ids(
+        self, modality: str, prompt_ids: list[int], params: SamplerParams, text_prefix: str = ""
+    ) -> Prepared:
+        """Continue content ids (no BOS/tag). Text output = `text_prefix` + the new text; MIDI
+        output = the whole piece (prompt + new tokens) as a file."""
+        check_modality(modality)
+        kept = self._fit_prompt(prompt_ids, params.gen_length)
         head = self.header(modality) + kept
 
         def decode(result: SampleResult) -> str | bytes:
             new = _content(result.generated_ids)
             if modality == "midi":  # continue the whole piece, not only the window the model saw
-                return self._decode_midi(full_prompt + new)
-            text = self.vocab.decode(new, modality) if new else ""
-            return (prompt + text) if isinstance(prompt, str) else text
+                return self._decode_midi(prompt_ids + new)
+            return text_prefix + (self.vocab.decode(new, modality) if new else "")
 
         if self.is_ar:
             return Prepared(modality, None, params, head, len(head), decode)
