@@ -282,6 +282,7 @@ class Denoiser(nn.Module):
         start_pos: int | Tensor = 0,
         past: KVCache | None = None,
         use_cache: bool = False,
+        out_index: Tensor | None = None,
     ) -> tuple[Tensor, KVCache | None]:
         """ids [B, T] -> logits [B, T, V] (fp32, or bf16 under autocast), and optionally a cache.
 
@@ -290,6 +291,9 @@ class Denoiser(nn.Module):
         past: cache of earlier positions; the new tokens attend to all its real positions and to
             themselves (causally among themselves when config.causal).
         use_cache: also return a KVCache holding past + the new positions.
+        out_index: LongTensor [B, K] of window offsets: return logits [B, K, V] for those only.
+            The vocabulary projection is the largest matmul of this model; a sampler needs
+            logits for the current block only, not for the whole canvas.
         """
         B, T = ids.shape
         if past is not None and past.batch_size != B:
@@ -302,7 +306,7 @@ class Denoiser(nn.Module):
                 field="pad_mask",
                 value=tuple(pad_mask.shape),
             )
-        cos, sin = self.rope(self._positions(start_pos, B, T, ids.device))
+        cos, sin = self.rope(self._positions(start_pos, B, T, ids.device, pad_mask))
         mask, is_causal = self._attention_mask(pad_mask, past, B, T, ids.device)
 
         x = self.drop(self.tok_emb(ids))  # [B, T, d]
@@ -310,7 +314,9 @@ class Denoiser(nn.Module):
         for i, block in enumerate(self.blocks):
             x, kv = block(x, cos, sin, mask, is_causal, past.layers[i] if past else None)
             new_layers.append(kv)
-        logits = self.head(self.norm(x))  # [B, T, V]
+        if out_index is not None:
+            x = x.gather(1, out_index[:, :, None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
+        logits = self.head(self.norm(x))  # [B, T or K, V]
         if self.config.mask_id is not None:
             logits = logits.masked_fill(self.banned, float("-inf"))
 
@@ -325,7 +331,14 @@ class Denoiser(nn.Module):
         """Logits of a full forward pass, without a cache."""
         return self(ids, pad_mask)[0]
 
-    def _positions(self, start_pos: int | Tensor, B: int, T: int, device: torch.device) -> Tensor:
+    def _positions(
+        self,
+        start_pos: int | Tensor,
+        B: int,
+        T: int,
+        device: torch.device,
+        pad_mask: Tensor | None = None,
+    ) -> Tensor:
         offsets = torch.arange(T, device=device)
         if isinstance(start_pos, Tensor):
             start = start_pos.to(device=device, dtype=torch.long).reshape(-1)
@@ -333,8 +346,21 @@ class Denoiser(nn.Module):
                 raise InvalidArgument(
                     f"start_pos has {start.numel()} entries for {B} rows", field="start_pos"
                 )
-            lo, hi = int(start.min()), int(start.max())
             positions = start[:, None] + offsets[None, :]  # [B, T]
+            if pad_mask is not None:
+                # only real tokens must fit: a batch row's padding tail may run past the end
+                real = positions[pad_mask]
+                lo = int(real.min()) if real.numel() else 0
+                last = int(real.max()) if real.numel() else 0
+                if lo < 0 or last >= self.config.max_seq_len:
+                    raise InvalidArgument(
+                        f"positions {lo}..{last} outside the model's range "
+                        f"0..{self.config.max_seq_len - 1}",
+                        field="start_pos",
+                        value=last,
+                    )
+                return positions.clamp(0, self.config.max_seq_len - 1)
+            lo, hi = int(start.min()), int(start.max())
         else:
             lo = hi = int(start_pos)
             positions = (offsets + lo)[None, :].expand(B, T)

@@ -158,16 +158,29 @@ class StepInputs:
     start_pos: int  # canvas position of ids[0, 0]
     past: KVCache | None  # cached K/V the window attends to (None = full forward)
     use_cache: bool  # return the window's K/V too (first step of a block in a cache mode)
+    out_offset: int = 0  # logits are needed for window offsets [out_offset, out_offset + out_len)
+    out_len: int | None = None  # None = the whole window
 
     @property
     def width(self) -> int:
         return int(self.ids.shape[1])
 
+    @property
+    def n_out(self) -> int:
+        return self.width - self.out_offset if self.out_len is None else self.out_len
+
+    def out_index(self) -> Tensor:
+        return torch.arange(self.out_offset, self.out_offset + self.n_out, device=self.ids.device)
+
 
 def step_logits(model: torch.nn.Module, inputs: StepInputs) -> tuple[Tensor, KVCache | None]:
     """One forward pass over the job's window -> (logits [W, V], cache or None)."""
     logits, cache = model(
-        inputs.ids, start_pos=inputs.start_pos, past=inputs.past, use_cache=inputs.use_cache
+        inputs.ids,
+        start_pos=inputs.start_pos,
+        past=inputs.past,
+        use_cache=inputs.use_cache,
+        out_index=inputs.out_index()[None],
     )
     return logits[0], cache
 
@@ -183,6 +196,8 @@ class BatchInputs:
     use_cache: bool
     widths: tuple[int, ...]
     wants_cache: tuple[bool, ...]
+    out_index: Tensor | None = None  # [B, K] window offsets whose logits each job needs
+    n_out: tuple[int, ...] = ()
 
 
 def collate_inputs(inputs: Sequence[StepInputs], pad_id: int) -> BatchInputs:
@@ -196,6 +211,10 @@ def collate_inputs(inputs: Sequence[StepInputs], pad_id: int) -> BatchInputs:
         ids[row, : i.width] = i.ids[0]
         pad_mask[row, : i.width] = True
     start_pos = torch.tensor([i.start_pos for i in inputs], dtype=torch.long, device=first.device)
+    K = max(i.n_out for i in inputs)
+    out_index = torch.zeros(B, K, dtype=torch.long, device=first.device)
+    for row, i in enumerate(inputs):
+        out_index[row, : i.n_out] = i.out_index()
     return BatchInputs(
         ids,
         pad_mask,
@@ -204,6 +223,8 @@ def collate_inputs(inputs: Sequence[StepInputs], pad_id: int) -> BatchInputs:
         any(i.use_cache for i in inputs),
         tuple(i.width for i in inputs),
         tuple(i.use_cache for i in inputs),
+        out_index,
+        tuple(i.n_out for i in inputs),
     )
 
 
@@ -237,6 +258,7 @@ def run_batch(model: torch.nn.Module, batch: BatchInputs) -> tuple[Tensor, KVCac
         start_pos=batch.start_pos,
         past=batch.past,
         use_cache=batch.use_cache,
+        out_index=batch.out_index,
     )
 
 
@@ -253,7 +275,8 @@ def split_outputs(
             # sit after the batch's (padded) past slots
             keep = torch.arange(past_len, past_len + width, device=cache.pad_mask.device)
             row_cache = kv_keep(cache.select([row]), keep)
-        out.append((logits[row, :width], row_cache))
+        n = batch.n_out[row] if batch.n_out else width
+        out.append((logits[row, :n], row_cache))
     return out
 
 
@@ -559,10 +582,14 @@ class SamplerState:
         mode = self.params.use_cache
         if mode != "none" and self.cache is not None:
             stop = self.length if mode == "prefix" else hi
-            inputs = StepInputs(self.ids[None, lo:stop], lo, self.cache, use_cache=False)
+            inputs = StepInputs(
+                self.ids[None, lo:stop], lo, self.cache, use_cache=False, out_len=hi - lo
+            )
         else:
             reusable = lo > 0 or (mode == "dual" and hi < self.length)
-            inputs = StepInputs(self.ids[None], 0, None, use_cache=mode != "none" and reusable)
+            inputs = StepInputs(
+                self.ids[None], 0, None, mode != "none" and reusable, out_offset=lo, out_len=hi - lo
+            )
         self._pending = inputs
         return inputs
 
@@ -574,9 +601,15 @@ class SamplerState:
             raise InvalidArgument("call prepare_inputs() before advance()", field="state")
         self._pending = None
         logits = logits.reshape(-1, logits.shape[-1])
-        if logits.shape[0] != inputs.width:
+        # logits cover the window offsets [out_offset, out_offset + n_out) (the current block),
+        # or the whole window when the caller computed them all
+        if logits.shape[0] == inputs.n_out:
+            first = inputs.start_pos + inputs.out_offset
+        elif logits.shape[0] == inputs.width:
+            first = inputs.start_pos
+        else:
             raise InvalidArgument(
-                f"expected logits for {inputs.width} positions", field="logits", value=logits.shape
+                f"expected logits for {inputs.n_out} positions", field="logits", value=logits.shape
             )
         self.nfe += 1
         if inputs.use_cache:
@@ -589,7 +622,7 @@ class SamplerState:
         block_pos = self.blocks[self.block]
         is_open = self.masked[block_pos]
         open_pos = block_pos[is_open]
-        open_logits = self._constrained(logits, open_pos, inputs.start_pos, tables)
+        open_logits = self._constrained(logits, open_pos, first, tables)
         tokens = sample_tokens(open_logits, p.temperature, p.top_k, p.top_p, self.generator)
         conf = score_positions(open_logits, tokens, p.position_score)
 
@@ -601,9 +634,7 @@ class SamplerState:
         self.ids[commit_pos] = tokens[chosen]
         self.masked[commit_pos] = False
 
-        remasked = self._remask(
-            logits, inputs.start_pos, tables, block_pos[~is_open], steps_left, last_step
-        )
+        remasked = self._remask(logits, first, tables, block_pos[~is_open], steps_left, last_step)
         keep = torch.ones(open_pos.numel(), dtype=torch.bool, device=open_pos.device)
         keep[chosen] = False
         event = StepEvent(

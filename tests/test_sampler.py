@@ -91,9 +91,14 @@ class TableModel(torch.nn.Module):
         super().__init__()
         self.table = table  # [max_len, V]
 
-    def forward(self, ids, pad_mask=None, *, start_pos=0, past=None, use_cache=False):
+    def forward(
+        self, ids, pad_mask=None, *, start_pos=0, past=None, use_cache=False, out_index=None
+    ):
         T = ids.shape[1]
-        return self.table[start_pos : start_pos + T][None].expand(ids.shape[0], T, -1), None
+        logits = self.table[start_pos : start_pos + T][None].expand(ids.shape[0], T, -1)
+        if out_index is not None:
+            logits = logits.gather(1, out_index[:, :, None].expand(-1, -1, logits.shape[-1]))
+        return logits, None
 
 
 def prompt_canvas(n: int = 16, prompt=(BOS, 5, 6, 7), modality: str | None = "text") -> Canvas:
