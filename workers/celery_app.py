@@ -1,0 +1,74 @@
+"""The Celery application, configured from `Settings`: Redis broker and result store, JSON only.
+
+Torch-free: the client builds the same app to publish (`send_task` by name) without importing
+the task module. Delivery guarantees:
+
+- `task_acks_late` + `task_reject_on_worker_lost`: a message is acknowledged only after its task
+  returned, so a worker killed mid-job leaves it unacknowledged in Redis;
+- the Redis transport puts an unacknowledged message back on its queue once it is older than
+  the visibility timeout. That timeout is longer than the hard time limit (Settings checks it), so
+  a job that is still running is never handed to a second worker; restore sweeps run every
+  quarter of the timeout (kombu's default, once every 100 s, is far too slow for short timeouts);
+- prefetch multiplier 1: a worker reserves at most `concurrency` jobs, so jobs wait in the shared
+  queue (where any worker can take them and `LLEN` measures back-pressure), not in one process.
+
+The job id *is* the Celery task id. Results, events and payloads are written by the task itself
+to our own keys (see protocol.py); the Celery result backend only receives a small summary dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from unmask.settings import Settings
+from unmask.workers.protocol import queue_name
+
+
+def celery_config(settings: Settings, *, client: bool = False) -> dict[str, Any]:
+    visibility = int(settings.visibility_timeout_s)
+    transport: dict[str, Any] = {
+        "visibility_timeout": visibility,
+        "unacked_restore_interval": max(1, visibility // 4),
+        "unacked_restore_throttle": 1,
+    }
+    if client:
+        # A front end must fail fast when Redis is gone, never hang on a dead connection.
+        transport.update(socket_connect_timeout=1.0, socket_timeout=2.0)
+    return {
+        "broker_url": settings.broker_url,
+        # The worker stores each task's small summary dict in Redis. The client publishes with no
+        # result backend: it reads our own result keys, and a Celery backend would subscribe to
+        # a pub/sub channel per submitted job for nothing.
+        "result_backend": None if client else settings.broker_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.task_time_limit_s,
+        "task_soft_time_limit": settings.task_soft_time_limit_s,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": visibility},
+        "result_expires": settings.result_ttl_s,
+        "task_default_queue": queue_name(settings.model_name),
+        "task_create_missing_queues": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 2.0,
+        "worker_pool": "threads",
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "enable_utc": True,
+    }
+
+
+def make_app(settings: Settings, *, client: bool = False) -> Celery:
+    """A Celery app for `settings` (which must name a broker)."""
+    app = Celery("unmask", set_as_current=False)
+    app.conf.update(celery_config(settings, client=client))
+    return app

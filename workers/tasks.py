@@ -1,0 +1,443 @@
+"""The worker side: one Celery task that feeds a process-wide Engine, plus worker liveness.
+
+Pool choice: the worker runs Celery's **threads** pool. Every task thread submits its job to the
+same process-wide Engine, whose loop batches the denoising steps of all active jobs into one
+forward pass, so `--concurrency N` means "up to N jobs batched together on one model copy".
+The prefork pool would give each child process its own copy of the model and its own Engine:
+N times the memory, and no batching across jobs. A task thread only waits (on the Engine's
+events and on Redis), so the GIL is not a bottleneck; the model runs on the Engine's thread.
+
+The model is loaded once per worker process, after any fork, never in a parent: lazily under a
+lock by the first task, and eagerly when the worker is ready (non-prefork pools) or in each
+prefork child (`worker_process_init`). A pid check reloads it if a process forked after loading.
+
+A task is thin: unpack the request → (finished already? cancelled or expired while queued? then
+store without running) → submit to the Engine → relay its events to the job's Redis Stream →
+store the result. Exactly once: the result is written with SET NX inside one Lua script that
+also appends the final event, so a redelivered job that already finished neither runs again nor
+stores a second result; `completions` counts the runs that reached the end.
+
+Celery does not enforce time limits in the threads pool, so the task does: past the soft limit
+the Engine ends the job between steps (failed, TimeLimitExceeded); a hard-limit watchdog covers
+an Engine that stops producing events. The hard limit stays below the visibility timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis
+from celery import Celery, signals
+
+from unmask.engine.engine import Engine, JobResult
+from unmask.engine.request import GenerationRequest
+from unmask.errors import UnmaskError
+from unmask.settings import Settings
+from unmask.workers.protocol import (
+    CANCELLED,
+    DEADLINE,
+    FAILED,
+    INLINE_LIMIT,
+    RUNNING,
+    TASK_NAME,
+    blob_key,
+    cancel_key,
+    completions_key,
+    deliveries_key,
+    encode_event,
+    events_key,
+    heartbeat_ttl,
+    result_key,
+    runs_key,
+    status_key,
+    worker_key,
+)
+
+log = logging.getLogger("unmask.workers")
+
+CANCEL_POLL_S = 0.1  # a job's cancel flag is read from Redis at most this often
+
+# KEYS: result, completions, events, status. ARGV: result JSON, ttl, final event JSON, maxlen,
+# status. Every run that reaches the end counts itself; only the first one stores its result.
+_STORE_LUA = """
+redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+  redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class _WorkerState:
+    """What one worker process owns: settings, a Redis client, the Engine, the heartbeat."""
+
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.hostname = ""
+        self.pool = "threads"
+        self.lock = threading.Lock()
+        self.engine: Engine | None = None
+        self.engine_pid = 0
+        self.device = ""
+        self.redis: redis.Redis | None = None
+        self.redis_pid = 0
+        self.store_script: Any = None
+        self.heartbeat_stop: threading.Event | None = None
+        self.heartbeat_thread: threading.Thread | None = None
+        self.started_at = time.time()
+
+
+_state = _WorkerState()
+
+
+def configure(app: Celery, settings: Settings, *, hostname: str) -> Any:
+    """Bind the settings to this process and register the task on `app`."""
+    _state.settings = settings
+    _state.hostname = hostname
+    _state.pool = str(app.conf.worker_pool or "threads")
+    signals.worker_process_init.connect(_on_process_init, weak=False, dispatch_uid="unmask-init")
+    signals.worker_ready.connect(_on_worker_ready, weak=False, dispatch_uid="unmask-ready")
+    signals.worker_shutdown.connect(_on_shutdown, weak=False, dispatch_uid="unmask-shutdown")
+    return app.task(
+        name=TASK_NAME,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=False,
+    )(_generate_task)
+
+
+def _settings() -> Settings:
+    if _state.settings is None:
+        raise RuntimeError("unmask.workers.tasks.configure() was not called")
+    return _state.settings
+
+
+def _redis() -> redis.Redis:
+    with _state.lock:
+        if _state.redis is None or _state.redis_pid != os.getpid():
+            _state.redis = redis.Redis.from_url(
+                _settings().broker_url, socket_connect_timeout=2.0, socket_timeout=10.0
+            )
+            _state.store_script = _state.redis.register_script(_STORE_LUA)
+            _state.redis_pid = os.getpid()
+        return _state.redis
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def get_engine() -> Engine:
+    """The process-wide Engine, loading the model on first use in this process."""
+    with _state.lock:
+        if _state.engine is None or _state.engine_pid != os.getpid():
+            from unmask.models.generation import Generator
+
+            s = _settings()
+            device = _resolve_device(s.device)
+            t0 = time.perf_counter()
+            generator = Generator.load(s.model or None, device=device)
+            engine = Engine(
+                generator,
+                max_batch=s.max_batch,
+                max_queue=s.worker_concurrency + s.max_batch,
+            )
+            _state.engine = engine.start()
+            _state.engine_pid = os.getpid()
+            _state.device = device
+            log.info(
+                "model %s (%s) loaded on %s in %.2fs, pid %d",
+                s.model_name,
+                s.model or "shipped default",
+                device,
+                time.perf_counter() - t0,
+                os.getpid(),
+            )
+        return _state.engine
+
+
+# ---- lifecycle signals ----------------------------------------------------------------------
+def _init_process() -> None:
+    get_engine()
+    _start_heartbeat()
+
+
+def _on_process_init(**_: Any) -> None:  # a prefork child, after the fork
+    _init_process()
+
+
+def _on_worker_ready(**_: Any) -> None:  # the worker process itself (threads / solo pools)
+    if _state.pool != "prefork":
+        _init_process()
+
+
+def _on_shutdown(**_: Any) -> None:
+    stop = _state.heartbeat_stop
+    if stop is not None:
+        stop.set()
+        try:
+            _redis().delete(worker_key(_settings().model_name, _state.hostname))
+        except redis.RedisError:
+            pass
+    if _state.engine is not None:
+        _state.engine.close()
+
+
+def _heartbeat_info() -> dict[str, Any]:
+    s = _settings()
+    engine = _state.engine
+    return {
+        "hostname": _state.hostname,
+        "pid": os.getpid(),
+        "model_name": s.model_name,
+        "model": s.model,
+        "device": _state.device or s.device,
+        "concurrency": s.worker_concurrency,
+        "max_batch": s.max_batch,
+        "load": engine.load if engine is not None else 0,
+        "started_at": _state.started_at,
+        "ts": time.time(),
+    }
+
+
+def _start_heartbeat() -> None:
+    if _state.heartbeat_thread is not None and _state.heartbeat_thread.is_alive():
+        return
+    s = _settings()
+    key = worker_key(s.model_name, _state.hostname)
+    ttl = heartbeat_ttl(s.heartbeat_s)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            engine = _state.engine
+            alive = engine is not None and engine._thread is not None and engine._thread.is_alive()
+            try:
+                if alive:
+                    _redis().set(key, json.dumps(_heartbeat_info()), ex=ttl)
+                else:
+                    _redis().delete(key)
+            except redis.RedisError as exc:
+                log.warning("heartbeat to Redis failed: %s", exc)
+            stop.wait(s.heartbeat_s)
+
+    _state.heartbeat_stop = stop
+    _state.heartbeat_thread = threading.Thread(target=beat, name="unmask-heartbeat", daemon=True)
+    _state.heartbeat_thread.start()
+
+
+# ---- the task -------------------------------------------------------------------------------
+class _CancelCheck:
+    """`should_cancel` for the Engine: the job's Redis flag (read at most every 100 ms) or the
+    soft time limit. Runs on the Engine's thread between steps."""
+
+    def __init__(self, r: redis.Redis, job_id: str, soft_deadline: float) -> None:
+        self.r = r
+        self.key = cancel_key(job_id)
+        self.soft_deadline = soft_deadline
+        self.cancelled = False
+        self.timed_out = False
+        self._last = 0.0
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now > self.soft_deadline:
+            self.timed_out = True
+            return True
+        if not self.cancelled and now - self._last >= CANCEL_POLL_S:
+            self._last = now
+            try:
+                self.cancelled = bool(self.r.exists(self.key))
+            except redis.RedisError:  # Redis hiccup: keep running, look again later
+                pass
+        return self.cancelled
+
+
+def _generate_task(task: Any, request: dict[str, Any]) -> dict[str, Any]:
+    return run_job(task.request.id, request)
+
+
+def run_job(job_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Run one job (idempotently) and store its result; returns a small summary dict."""
+    r = _redis()
+    pipe = r.pipeline(transaction=False)
+    pipe.incr(deliveries_key(job_id))
+    pipe.expire(deliveries_key(job_id), _settings().result_ttl_s)
+    pipe.get(result_key(job_id))
+    existing = pipe.execute()[-1]
+    if existing is not None:  # a redelivery or resubmission of a finished job
+        status = json.loads(existing).get("status")
+        log.info("job %s already finished (%s): not run again", job_id, status)
+        return _summary(job_id, status, stored=False)
+    try:
+        return _run(r, job_id, request)
+    except Exception as exc:  # a bug or a Redis failure must still end the job visibly
+        log.exception("job %s failed in the worker", job_id)
+        return _store(
+            r, job_id, FAILED, model=str(request.get("model", "")), error=_error_dict(exc)
+        )
+
+
+def _run(r: redis.Redis, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    s = _settings()
+    model = str(request.get("model", "")) if isinstance(request, dict) else ""
+    try:
+        req = GenerationRequest.from_dict(request)
+    except UnmaskError as exc:
+        return _store(r, job_id, FAILED, model=model, error=_error_dict(exc))
+    if req.job_id != job_id:  # the Celery task id is the job id
+        req = dataclasses.replace(req, job_id=job_id)
+    if r.exists(cancel_key(job_id)):
+        return _store(r, job_id, CANCELLED, model=req.model, error={
+            "type": "Cancelled", "field": None, "message": "job cancelled while queued"})  # fmt: skip
+    if req.deadline is not None and time.time() > req.deadline:
+        return _store(r, job_id, DEADLINE, model=req.model, error={
+            "type": "DeadlineExceeded", "field": None,
+            "message": "the job's deadline passed while it was queued"})  # fmt: skip
+
+    ttl = s.result_ttl_s
+    pipe = r.pipeline(transaction=False)
+    pipe.set(status_key(job_id), RUNNING, ex=ttl)
+    pipe.incr(runs_key(job_id))
+    pipe.expire(runs_key(job_id), ttl)
+    pipe.execute()
+
+    check = _CancelCheck(r, job_id, time.monotonic() + s.task_soft_time_limit_s)
+    handle = get_engine().submit(req, should_cancel=check)
+    stream = events_key(job_id)
+    first = True
+    try:
+        for event in handle.events(timeout=s.task_time_limit_s):
+            if event.get("type") == "final":
+                break  # the stored result (below) becomes the final event
+            pipe = r.pipeline(transaction=False)
+            pipe.xadd(stream, encode_event(event), maxlen=s.stream_maxlen, approximate=True)
+            if first:
+                pipe.expire(stream, ttl)
+                first = False
+            pipe.execute()
+    except queue.Empty:  # no event for a whole hard limit: the Engine is stuck, give up
+        handle.cancel()
+        return _store(r, job_id, FAILED, model=req.model, error=_time_limit_error(hard=True))
+    except BaseException:  # e.g. Redis went away: stop the Engine's work on it too
+        handle.cancel()
+        raise
+    result = handle.result(timeout=s.task_time_limit_s)
+    if result.status == CANCELLED and check.timed_out and not check.cancelled:
+        return _store(
+            r, job_id, FAILED, model=req.model, usage=result.usage, error=_time_limit_error()
+        )
+    return _store_result(r, req, result)
+
+
+def _time_limit_error(hard: bool = False) -> dict[str, Any]:
+    s = _settings()
+    limit = s.task_time_limit_s if hard else s.task_soft_time_limit_s
+    kind = "hard" if hard else "soft"
+    return {
+        "type": "TimeLimitExceeded",
+        "field": None,
+        "message": f"the job ran past the worker's {kind} time limit of {limit}s",
+    }
+
+
+def _store_result(r: redis.Redis, req: GenerationRequest, result: JobResult) -> dict[str, Any]:
+    return _store(
+        r,
+        req.job_id,
+        result.status,
+        model=req.model,
+        text=result.output_text,
+        midi=result.output_midi,
+        usage=result.usage,
+        error=result.error,
+    )
+
+
+def _store(
+    r: redis.Redis,
+    job_id: str,
+    status: str,
+    *,
+    model: str = "",
+    text: str = "",
+    midi: bytes = b"",
+    usage: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write payloads by reference, then (atomically) the result + final event, first run wins."""
+    s = _settings()
+    ttl = s.result_ttl_s
+    attempt = uuid.uuid4().hex[:12]  # blobs of a losing duplicate run never overwrite the winner's
+    doc: dict[str, Any] = {
+        "job_id": job_id,
+        "status": status,
+        "model": model,
+        "output_text": "",
+        "output_text_ref": None,
+        "output_text_size": 0,
+        "output_midi_ref": None,
+        "output_midi_size": len(midi),
+        "usage": usage or {},
+        "error": error,
+        "worker": _state.hostname,
+        "finished_at": time.time(),
+    }
+    blobs = []
+    encoded = text.encode()
+    doc["output_text_size"] = len(encoded)
+    if len(encoded) > INLINE_LIMIT:
+        blobs.append((blob_key(job_id, attempt, "text"), encoded))
+        doc["output_text_ref"] = blobs[-1][0]
+    else:
+        doc["output_text"] = text
+    if midi:
+        blobs.append((blob_key(job_id, attempt, "midi"), midi))
+        doc["output_midi_ref"] = blobs[-1][0]
+    if blobs:
+        pipe = r.pipeline(transaction=False)
+        for key, data in blobs:
+            pipe.set(key, data, ex=ttl)
+        pipe.execute()
+    payload = json.dumps(doc, separators=(",", ":"))
+    final = json.dumps({"type": "final", **doc}, separators=(",", ":"))
+    assert _state.store_script is not None
+    stored = bool(
+        _state.store_script(
+            keys=[result_key(job_id), completions_key(job_id), events_key(job_id),
+                  status_key(job_id)],
+            args=[payload, ttl, final, s.stream_maxlen, status],
+        )
+    )  # fmt: skip
+    if not stored:
+        log.warning("job %s: a result was stored already; this run's result is dropped", job_id)
+        if blobs:
+            r.delete(*(k for k, _ in blobs))
+    return _summary(job_id, status, stored=stored)
+
+
+def _summary(job_id: str, status: str | None, *, stored: bool) -> dict[str, Any]:
+    return {"job_id": job_id, "status": status, "stored": stored, "result_key": result_key(job_id)}
+
+
+def _error_dict(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, UnmaskError):
+        return {"type": type(exc).__name__, "field": exc.field, "message": exc.message}
+    return {"type": type(exc).__name__, "field": None, "message": str(exc)}
