@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,12 @@ KINDS = ("generate", "infill", "midi_infill")
 MODALITIES = ("text", "code", "midi")
 MAX_PROMPT_CHARS = 200_000
 MAX_MIDI_BYTES = 4 << 20
+MAX_VOICES = 16
+MAX_BARS = 64
+# Voices without explicit programs get distinct General MIDI programs, as in the corpus's
+# chorales (violin, viola, cello, contrabass, then winds).
+DEFAULT_VOICE_PROGRAMS = (40, 41, 42, 43, 71, 70, 68, 73, 0, 24, 32, 56, 57, 60, 65, 66)
+_TIME_SIGNATURE = re.compile(r"^[1-9][0-9]?/(1|2|4|8|16|32)$")
 
 
 def new_job_id() -> str:
@@ -27,10 +34,76 @@ def new_job_id() -> str:
 
 
 @dataclass(frozen=True)
+class MidiSettings:
+    """A new MIDI piece from settings: each voice is a track with its own program; every bar of
+    every track starts with the time signature (the first with the tempo), the notes are
+    generated. Whether the vocabulary has the time signature is checked by the Generator; the
+    tempo snaps to the nearest tempo token."""
+
+    time_signature: str = "4/4"
+    tempo: float = 120.0  # beats per minute
+    programs: tuple[int, ...] = ()  # General MIDI program per voice; () = defaults for `voices`
+    voices: int = 1  # used when `programs` is empty
+    bars: int = 4
+
+    def __post_init__(self) -> None:
+        f = "midi_settings."
+        if not isinstance(self.time_signature, str) or not _TIME_SIGNATURE.match(
+            self.time_signature
+        ):
+            raise InvalidArgument(
+                "must look like 4/4 (numerator/power-of-two denominator)",
+                field=f + "time_signature", value=self.time_signature,
+            )  # fmt: skip
+        tempo = self.tempo
+        if isinstance(tempo, bool) or not isinstance(tempo, int | float) or not 1 <= tempo <= 1000:
+            raise InvalidArgument("must be in [1, 1000] bpm", field=f + "tempo", value=tempo)
+        programs = tuple(self.programs)
+        object.__setattr__(self, "programs", programs)
+        if len(programs) > MAX_VOICES:
+            raise InvalidArgument(f"at most {MAX_VOICES} voices", field=f + "programs")
+        for p in programs:
+            if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 127:
+                raise InvalidArgument("programs must be in [0, 127]", field=f + "programs", value=p)
+        for name, hi in (("voices", MAX_VOICES), ("bars", MAX_BARS)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+                raise InvalidArgument(f"must be in [1, {hi}]", field=f + name, value=v)
+        if programs and self.voices not in (1, len(programs)):
+            raise InvalidArgument(
+                f"{len(programs)} programs but {self.voices} voices", field=f + "voices"
+            )
+
+    @property
+    def voice_programs(self) -> tuple[int, ...]:
+        return self.programs or DEFAULT_VOICE_PROGRAMS[: self.voices]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "time_signature": self.time_signature,
+            "tempo": self.tempo,
+            "programs": list(self.programs),
+            "voices": self.voices,
+            "bars": self.bars,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MidiSettings:
+        if not isinstance(d, dict):
+            raise InvalidArgument("must be an object", field="midi_settings")
+        known = {"time_signature", "tempo", "programs", "voices", "bars"}
+        for key in d:
+            if key not in known:
+                raise InvalidArgument("unknown setting", field=f"midi_settings.{key}")
+        return cls(**{**d, "programs": tuple(d.get("programs") or ())})
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """kind "generate": continue `prompt` (text/code) or `midi` (MIDI; empty = from scratch).
     kind "infill":   fill the [MASK:n] gaps of `template` (text/code).
-    kind "midi_infill": rewrite `bars` of `tracks` (None = all) of the MIDI file `midi`."""
+    kind "midi_infill": rewrite `bars` of `tracks` (None = all) of the MIDI file `midi`.
+    `midi_settings` (kind "generate", modality "midi", no `midi`): a new piece from settings."""
 
     modality: str
     kind: str = "generate"
@@ -43,6 +116,7 @@ class GenerationRequest:
     job_id: str = field(default_factory=new_job_id)
     model: str = "default"
     deadline: float | None = None  # absolute time.time(); None = no deadline
+    midi_settings: MidiSettings | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -83,6 +157,14 @@ class GenerationRequest:
                 raise InvalidArgument("needs one or more bar numbers >= 0", field="bars")
         if self.kind == "generate" and self.modality != "midi" and self.midi:
             raise InvalidArgument("a MIDI prompt needs modality midi", field="midi")
+        if self.midi_settings is not None:
+            if not isinstance(self.midi_settings, MidiSettings):
+                raise InvalidArgument("must be MidiSettings", field="midi_settings")
+            if self.kind != "generate" or self.modality != "midi" or self.midi:
+                raise InvalidArgument(
+                    "settings start a new piece: kind generate, modality midi, no MIDI file",
+                    field="midi_settings",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +179,7 @@ class GenerationRequest:
             "tracks": list(self.tracks) if self.tracks is not None else None,
             "params": self.params.to_dict(),
             "deadline": self.deadline,
+            "midi_settings": self.midi_settings.to_dict() if self.midi_settings else None,
         }
 
     @classmethod
@@ -111,6 +194,7 @@ class GenerationRequest:
         if not isinstance(params, dict):
             raise InvalidArgument("must be an object", field="params")
         tracks = d.get("tracks")
+        settings = d.get("midi_settings")
         kwargs = {k: d[k] for k in ("job_id", "model", "kind", "modality", "prompt", "template",
                                     "deadline") if d.get(k) is not None}  # fmt: skip
         return cls(
@@ -119,4 +203,5 @@ class GenerationRequest:
             bars=tuple(d.get("bars") or ()),
             tracks=tuple(tracks) if tracks is not None else None,
             params=SamplerParams.from_dict(params),
+            midi_settings=MidiSettings.from_dict(settings) if settings is not None else None,
         )

@@ -1,4 +1,8 @@
-"""`unmask train | generate | infill` on the embedded (in-process) model."""
+"""`unmask train | generate | infill` on the embedded (in-process) model.
+
+With `--server HOST:PORT` (or `--stream`), `generate` and `infill` go through the gRPC client
+instead (service/cli.py, imported only then: nothing here depends on gRPC).
+"""
 
 from __future__ import annotations
 
@@ -77,7 +81,15 @@ def _emit(gen, args: argparse.Namespace) -> int:
     return 0
 
 
+def _via_service(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "server", None) or getattr(args, "stream", False))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if _via_service(args):
+        from unmask.service import cli as service_cli
+
+        return service_cli.cmd_generate(args)
     if args.prompt_file:
         prompt: str | bytes | None = Path(args.prompt_file).read_text(encoding="utf-8")
     elif args.prompt_midi:
@@ -91,6 +103,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_infill(args: argparse.Namespace) -> int:
+    if _via_service(args):
+        from unmask.service import cli as service_cli
+
+        return service_cli.cmd_infill(args)
     generator = _load(args)
     params = params_from_args(args)
     if args.modality == "midi":
@@ -108,10 +124,17 @@ def cmd_infill(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model directory (default: the shipped one)")
+    p.add_argument(
+        "--model", default=None,
+        help="model directory (default: the shipped one); with --server: the model's name",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--out", default=None, help="write the output to FILE (MIDI: required)")
     p.add_argument("--json", action="store_true", help="print output and usage as JSON")
+    from unmask.service.cli import add_client_args, add_stream_arg  # argparse only, no gRPC
+
+    add_client_args(p)
+    add_stream_arg(p)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -178,6 +178,8 @@ class Generator:
             return self.prepare_infill_midi(
                 request.midi, list(request.bars), tracks, request.params
             )
+        if getattr(request, "midi_settings", None) is not None:
+            return self.prepare_midi_settings(request.midi_settings, request.params)
         prompt = request.midi if request.modality == "midi" else request.prompt
         return self.prepare_generate(request.modality, prompt, request.params)
 
@@ -265,6 +267,56 @@ class Generator:
         def decode(result: SampleResult) -> bytes:
             window = [i for i in result.ids.tolist()[2:] if i >= NUM_SPECIAL]
             return self._decode_midi(ids[:w_lo] + window + ids[w_hi:])
+
+        return Prepared(
+            "midi", canvas, fit_params(params, canvas.n_masked), None,
+            canvas.length - canvas.n_masked, decode,
+        )  # fmt: skip
+
+    def prepare_midi_settings(self, settings: Any, params: SamplerParams) -> Prepared:
+        """A new piece from `MidiSettings` (engine/request.py): the structural tokens of every
+        track and bar are fixed (`Track_Start Program_p`, then per bar `Bar_None TimeSig_n/d`,
+        the first bar also `Position_0 Tempo_t`, then `Track_End`); the notes of each bar are a
+        masked gap of gen_length / (voices * bars) tokens."""
+        tokens = self.vocab.midi.tokens
+        base = self.vocab.ranges.midi_start
+
+        def tid(name: str, field: str, allowed: str) -> int:
+            if name not in tokens:
+                raise InvalidArgument(f"not in the vocabulary; allowed: {allowed}", field=field)
+            return base + tokens.index(name)
+
+        time_sigs = [t.split("_", 1)[1] for t in tokens if t.startswith("TimeSig_")]
+        time_sig = tid(
+            f"TimeSig_{settings.time_signature}", "midi_settings.time_signature",
+            ", ".join(time_sigs),
+        )  # fmt: skip
+        tempos = [t for t in tokens if t.startswith("Tempo_")]
+        tempo = base + tokens.index(
+            min(tempos, key=lambda t: abs(float(t.split("_", 1)[1]) - settings.tempo))
+        )
+        programs = [
+            tid(f"Program_{p}", "midi_settings.programs", "0..127") for p in settings.voice_programs
+        ]
+        track_start = tid("Track_Start", "midi_settings", "")
+        track_end = tid("Track_End", "midi_settings", "")
+        bar = tid("Bar_None", "midi_settings", "")
+        position0 = tid("Position_0", "midi_settings", "")
+        gap = max(1, params.gen_length // (len(programs) * settings.bars))
+        segments: list[Segment] = []
+        fixed = self.header("midi")
+        for program in programs:
+            fixed += [track_start, program]
+            for b in range(settings.bars):
+                fixed += [bar, time_sig] + ([position0, tempo] if b == 0 else [])
+                segments += [Fixed(fixed), Masked(gap, "midi")]
+                fixed = []
+            fixed = [track_end]
+        segments.append(Fixed(fixed))
+        canvas = self._check_canvas(Canvas(segments), field="midi_settings")
+
+        def decode(result: SampleResult) -> bytes:
+            return self._decode_midi([i for i in result.ids.tolist() if i >= NUM_SPECIAL])
 
         return Prepared(
             "midi", canvas, fit_params(params, canvas.n_masked), None,

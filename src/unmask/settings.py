@@ -36,7 +36,9 @@ class Settings:
     auth_tokens: tuple[str, ...] = field(default=())  # bearer tokens; empty = auth off
     tls_cert: str = ""
     tls_key: str = ""
-    max_message_bytes: int = 16 << 20
+    max_message_bytes: int = 16 << 20  # gRPC send/receive limit, server and client
+    batch_window: int = 32  # items of one batch job in flight at once (the rest wait)
+    max_batch_items: int = 50_000  # items per batch job
 
     def __post_init__(self) -> None:
         if self.broker_url and not self.broker_url.startswith(("redis://", "rediss://")):
@@ -49,7 +51,8 @@ class Settings:
                 field="visibility_timeout_s",
                 value=self.visibility_timeout_s,
             )
-        for name in ("max_batch", "max_queue", "worker_concurrency", "result_ttl_s", "port"):
+        for name in ("max_batch", "max_queue", "worker_concurrency", "result_ttl_s", "port",
+                     "max_message_bytes", "batch_window", "max_batch_items"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise InvalidArgument("must be >= 1", field=name, value=getattr(self, name))
 

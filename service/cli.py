@@ -1,0 +1,388 @@
+"""`unmask serve | midi | batch` and the `--server` side of `unmask generate | infill`.
+
+With `--server HOST:PORT` a command goes through the gRPC client (`unmask.client`); without it,
+`generate`, `infill` and `midi` run the model in-process (the same request mapping, an Engine).
+`batch` always talks to a server (the batch store lives there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("serve", "midi", "batch", "health")  # torch-free to start (see src/unmask/cli.py)
+
+
+# ---- shared flags --------------------------------------------------------------------------
+
+
+def add_client_args(p: argparse.ArgumentParser, *, required_server: bool = False) -> None:
+    g = p.add_argument_group("server (gRPC client)")
+    g.add_argument(
+        "--server", default=os.environ.get("UNMASK_SERVER") or None,
+        help="HOST:PORT of `unmask serve` (env UNMASK_SERVER)"
+        + ("" if required_server else "; without it the model runs in-process"),
+    )  # fmt: skip
+    g.add_argument("--token", default=os.environ.get("UNMASK_TOKEN") or None,
+                   help="bearer token (env UNMASK_TOKEN)")  # fmt: skip
+    g.add_argument("--ca", default=os.environ.get("UNMASK_TLS_CA") or None,
+                   help="PEM root certificate: use TLS (env UNMASK_TLS_CA)")  # fmt: skip
+    g.add_argument("--server-name", default=None, help="TLS name to expect (tests, IPs)")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
+
+def add_stream_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stream", action="store_true",
+                   help="show the canvas being denoised, step by step (stderr)")  # fmt: skip
+
+
+def client_from_args(args: argparse.Namespace) -> Any:
+    from unmask.client import Client
+    from unmask.settings import Settings
+
+    target = args.server
+    if not target:
+        s = Settings.from_env()
+        target = f"{s.host}:{s.port}"
+    return Client(target, token=args.token, root_certificates=args.ca,
+                  server_name=args.server_name, timeout=args.timeout)  # fmt: skip
+
+
+# ---- running one request (remote or in-process) ------------------------------------------
+
+
+def run(msg: Any, args: argparse.Namespace) -> Any:
+    """A GenerateRequest through the server (--server) or an in-process Engine."""
+    from unmask.service.live_view import CanvasView
+
+    modality = {1: "text", 2: "code", 3: "midi"}.get(msg.modality, "text")
+    view = CanvasView(modality) if getattr(args, "stream", False) else None
+    if args.server:
+        with client_from_args(args) as client:
+            if view is None:
+                return client.run(msg)
+            for event in client.run_stream(msg):
+                view.update(event)
+                if event["type"] == "final":
+                    return event["generation"]
+        raise RuntimeError("the stream ended without a final event")
+    return run_embedded(msg, args, view)
+
+
+def run_embedded(msg: Any, args: argparse.Namespace, view: Any = None) -> Any:
+    from unmask.client import Generation
+    from unmask.engine.engine import SUCCEEDED, Engine
+    from unmask.models.generation import Generator
+    from unmask.service import mapping
+    from unmask.service.dispatch import resolve_device
+    from unmask.service.status import JobFailed
+
+    request = mapping.generation_request(msg)
+    generator = Generator.load(args.model, device=resolve_device(args.device))
+    with Engine(generator, max_batch=1) as engine:
+        handle = engine.submit(request)
+        for event in handle.events():
+            if view is not None:
+                view.update(event)
+        res = handle.result()
+    if res.status != SUCCEEDED:
+        error = dict(res.error or {})
+        error["field"] = mapping.proto_field(error.get("field"))
+        raise JobFailed(res.status, error)
+    return Generation(res.job_id, request.modality, res.output_text, res.output_midi, res.usage)
+
+
+def emit(gen: Any, args: argparse.Namespace) -> int:
+    from unmask.errors import InvalidArgument
+
+    if gen.modality == "midi":
+        if not args.out:
+            raise InvalidArgument("MIDI output needs --out FILE.mid", field="--out")
+        Path(args.out).write_bytes(gen.midi)
+        print(f"wrote {args.out} ({len(gen.midi)} bytes)", file=sys.stderr)
+        png = getattr(args, "png", None)
+        if png is not None:
+            from unmask.service.pianoroll import write_png
+
+            path = write_png(gen.midi, png or Path(args.out).with_suffix(".png"))
+            print(f"wrote {path} (piano roll)", file=sys.stderr)
+    elif args.out:
+        Path(args.out).write_text(gen.text, encoding="utf-8")
+    elif not args.json:
+        print(gen.text)
+    if args.json:
+        record: dict[str, Any] = {"job_id": gen.job_id, "usage": gen.usage}
+        if gen.modality != "midi":
+            record["output"] = gen.text
+        print(json.dumps(record))
+    else:
+        print(json.dumps(gen.usage), file=sys.stderr)
+    return 0
+
+
+def _ints(text: str | None, flag: str) -> list[int]:
+    from unmask.errors import InvalidArgument
+
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidArgument("comma-separated integers", field=flag, value=text) from None
+
+
+def _params(args: argparse.Namespace) -> Any:
+    from unmask.models.cli import params_from_args
+
+    return params_from_args(args)
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    return (args.model or "") if args.server else ""
+
+
+# ---- unmask generate / infill --server (called from models/cli.py) ---------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from unmask.client import generate_request
+
+    if args.prompt_file:
+        prompt: str | bytes = Path(args.prompt_file).read_text(encoding="utf-8")
+    elif getattr(args, "prompt_midi", None):
+        prompt = Path(args.prompt_midi).read_bytes()
+    else:
+        prompt = args.prompt or ""
+    if isinstance(prompt, str) and args.modality == "midi":
+        msg = _midi_msg(args, None)
+    else:
+        msg = generate_request(prompt, modality=args.modality, model=_model_name(args),
+                               params=_params(args))  # fmt: skip
+    return emit(run(msg, args), args)
+
+
+def cmd_infill(args: argparse.Namespace) -> int:
+    from unmask.client import infill_request, midi_request
+    from unmask.errors import InvalidArgument
+
+    if args.modality == "midi":
+        if not args.midi or not args.bars:
+            raise InvalidArgument("MIDI infill needs --midi FILE and --bars", field="--bars")
+        msg = midi_request(args.midi, bars=_ints(args.bars, "--bars"),
+                           tracks=_ints(args.tracks, "--tracks"), model=_model_name(args),
+                           params=_params(args))  # fmt: skip
+    else:
+        template = Path(args.template_file).read_text() if args.template_file else args.template
+        if not template:
+            raise InvalidArgument("give a template with [MASK:n] gaps", field="template")
+        msg = infill_request(template, modality=args.modality, model=_model_name(args),
+                             params=_params(args))  # fmt: skip
+    return emit(run(msg, args), args)
+
+
+# ---- unmask midi ---------------------------------------------------------------------------
+
+
+def _midi_msg(args: argparse.Namespace, midi: str | None) -> Any:
+    from unmask.client import midi_request
+
+    return midi_request(
+        midi, bars=_ints(getattr(args, "bars", None), "--bars") or None,
+        tracks=_ints(getattr(args, "tracks", None), "--tracks") or None,
+        time_signature=getattr(args, "time_signature", "") or "",
+        tempo=getattr(args, "tempo", 0.0) or 0.0,
+        programs=_ints(getattr(args, "programs", None), "--programs"),
+        voices=getattr(args, "voices", 0) or 0, n_bars=getattr(args, "n_bars", 0) or 0,
+        model=_model_name(args), params=_params(args),
+    )  # fmt: skip
+
+
+def cmd_midi(args: argparse.Namespace) -> int:
+    from unmask.errors import InvalidArgument
+
+    if args.bars and not args.midi:
+        raise InvalidArgument("rewriting bars needs --midi FILE", field="--bars")
+    args.json = getattr(args, "json", False)
+    return emit(run(_midi_msg(args, args.midi), args), args)
+
+
+# ---- unmask serve --------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from unmask.service.interceptors import configure_logging
+    from unmask.service.server import serve
+    from unmask.settings import Settings
+
+    settings = Settings.from_env()
+    tokens = tuple(args.auth_token) if args.auth_token else None
+    settings = settings.with_overrides(
+        host=args.host, port=args.port, broker_url=args.broker, model=args.model,
+        model_name=args.model_name, device=args.device, auth_tokens=tokens,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=args.max_message_bytes,
+    )  # fmt: skip
+    configure_logging(args.log_level)
+    if settings.broker_url:
+        from unmask.workers.client import check_broker
+
+        check_broker(settings.broker_url)  # fail at once with a clear message
+    asyncio.run(serve(settings))
+    return 0
+
+
+# ---- unmask health ------------------------------------------------------------------------
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when serving: the server's standard health check, or (--worker) this host's worker
+    heartbeat in Redis. For container health checks."""
+    if args.worker:
+        import socket
+
+        from unmask.settings import Settings
+        from unmask.workers.client import JobQueue
+
+        settings = Settings.from_env().with_overrides(
+            broker_url=args.broker, model_name=args.model_name
+        )
+        with JobQueue(settings) as q:
+            host = socket.gethostname()
+            mine = [w for w in q.live_workers() if str(w.get("hostname", "")).endswith("@" + host)]
+        print("SERVING" if mine else "NOT_SERVING")
+        return 0 if mine else 1
+    with client_from_args(args) as client:
+        status = client.health(args.service, timeout=args.timeout or 5.0)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+# ---- unmask batch --------------------------------------------------------------------------
+
+
+def _print_job(job: Any) -> None:
+    print(json.dumps({"id": job.id, "status": job.status, "counts": job.counts,
+                      "model": job.model, "idempotency_key": job.idempotency_key,
+                      "created_at": job.created_at, "finished_at": job.finished_at}))  # fmt: skip
+
+
+def _wait(client: Any, batch_id: str) -> Any:
+    from tqdm import tqdm
+
+    job = client.get_batch(batch_id)
+    with tqdm(total=job.counts["total"], desc=batch_id[:18], unit="item", file=sys.stderr) as bar:
+
+        def progress(j: Any) -> None:
+            bar.update(j.counts["total"] - j.counts["pending"] - bar.n)
+            bar.set_postfix(ok=j.counts["succeeded"], failed=j.counts["failed"],
+                            cancelled=j.counts["cancelled"], refresh=False)  # fmt: skip
+
+        return client.wait_batch(batch_id, on_progress=progress)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from unmask.client import read_jsonl
+
+    with client_from_args(args) as client:
+        if args.batch_command == "submit":
+            job = client.submit_batch(read_jsonl(args.file), idempotency_key=args.idempotency_key,
+                                      model=args.model or "")  # fmt: skip
+            if args.wait:
+                job = _wait(client, job.id)
+            _print_job(job)
+        elif args.batch_command == "status":
+            _print_job(_wait(client, args.id) if args.wait else client.get_batch(args.id))
+        elif args.batch_command == "results":
+            for row in client.batch_results(args.id, follow=args.follow):
+                sys.stdout.write(json.dumps(row) + "\n")
+        elif args.batch_command == "cancel":
+            _print_job(client.cancel_batch(args.id))
+        elif args.batch_command == "list":
+            jobs, _ = client.list_batches(page_size=args.page_size)
+            for job in jobs:
+                _print_job(job)
+    return 0
+
+
+# ---- parsers -------------------------------------------------------------------------------
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from unmask.models.cli import add_sampler_args
+
+    p = sub.add_parser("serve", help="run the gRPC front end (embedded model, or Redis + workers)")
+    p.add_argument("--host", default=None, help="listen address (env UNMASK_HOST)")
+    p.add_argument("--port", type=int, default=None, help="port (env UNMASK_PORT, 50051)")
+    p.add_argument("--broker", default=None,
+                   help="redis://HOST:PORT/DB: dispatch to workers (env UNMASK_BROKER_URL); "
+                        "without it the model runs in this process")  # fmt: skip
+    p.add_argument("--model", default=None, help="model directory, embedded (env UNMASK_MODEL)")
+    p.add_argument("--model-name", default=None, help="model name (env UNMASK_MODEL_NAME)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (env UNMASK_DEVICE)")
+    p.add_argument("--auth-token", action="append", default=None,
+                   help="accept this bearer token (repeatable; env UNMASK_AUTH_TOKENS)")  # fmt: skip
+    p.add_argument("--tls-cert", default=None, help="PEM certificate (env UNMASK_TLS_CERT)")
+    p.add_argument("--tls-key", default=None, help="PEM private key (env UNMASK_TLS_KEY)")
+    p.add_argument("--max-message-bytes", type=int, default=None,
+                   help="gRPC message size limit (env UNMASK_MAX_MESSAGE_BYTES)")  # fmt: skip
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("midi", help="write a MIDI file: from settings, continuing or rewriting one")
+    p.add_argument("--out", required=True, help="FILE.mid to write")
+    p.add_argument("--png", nargs="?", const="", default=None,
+                   help="also draw a piano roll (default: next to --out)")  # fmt: skip
+    p.add_argument("--midi", default=None, help="a MIDI file to continue (or with --bars rewrite)")
+    p.add_argument("--bars", default=None, help="comma-separated 0-based bars to rewrite")
+    p.add_argument("--tracks", default=None, help="comma-separated 0-based tracks (default all)")
+    p.add_argument("--time-signature", default="", help="new piece: e.g. 3/4 (default 4/4)")
+    p.add_argument("--tempo", type=float, default=0.0, help="new piece: bpm (default 120)")
+    p.add_argument("--programs", default=None, help="new piece: GM program per voice, e.g. 40,42")
+    p.add_argument("--voices", type=int, default=0, help="new piece: voices (default programs)")
+    p.add_argument("--n-bars", type=int, default=0, help="new piece: bars (default 4)")
+    p.add_argument("--model", default=None,
+                   help="in-process: model directory; with --server: model name")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="in-process: cpu | cuda | auto")
+    p.add_argument("--json", action="store_true", help="print the usage as JSON on stdout")
+    add_stream_arg(p)
+    add_client_args(p)
+    add_sampler_args(p, gen_length=128)
+    p.set_defaults(func=cmd_midi, temperature=1.0)
+
+    p = sub.add_parser("health", help="exit 0 if the server (or --worker: this host's worker) "
+                       "is serving")  # fmt: skip
+    p.add_argument("--service", default="", help="service name ('' = the whole server)")
+    p.add_argument("--worker", action="store_true", help="check this host's worker heartbeat")
+    p.add_argument("--broker", default=None, help="with --worker (env UNMASK_BROKER_URL)")
+    p.add_argument("--model-name", default=None, help="with --worker (env UNMASK_MODEL_NAME)")
+    add_client_args(p, required_server=True)
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("batch", help="batch jobs on a server: submit | status | results | cancel")
+    bsub = p.add_subparsers(dest="batch_command", required=True)
+    b = bsub.add_parser("submit", help="submit FILE.jsonl ({'custom_id', 'body'} per line)")
+    b.add_argument("file")
+    b.add_argument("--idempotency-key", default="", help="resubmitting returns the same batch")
+    b.add_argument("--model", default=None, help="model name for items that name none")
+    b.add_argument("--wait", action="store_true", help="show progress until it finishes")
+    add_client_args(b, required_server=True)
+    b = bsub.add_parser("status", help="counts and status of a batch")
+    b.add_argument("id")
+    b.add_argument("--wait", action="store_true", help="show progress until it finishes")
+    add_client_args(b, required_server=True)
+    b = bsub.add_parser("results", help="item results as JSONL on stdout")
+    b.add_argument("id")
+    b.add_argument("--follow", action="store_true", help="until every item has finished")
+    add_client_args(b, required_server=True)
+    b = bsub.add_parser("cancel", help="cancel a batch (finished items are kept)")
+    b.add_argument("id")
+    add_client_args(b, required_server=True)
+    b = bsub.add_parser("list", help="recent batches, newest first")
+    b.add_argument("--page-size", type=int, default=20)
+    add_client_args(b, required_server=True)
+    p.set_defaults(func=cmd_batch)

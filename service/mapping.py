@@ -1,0 +1,274 @@
+"""Proto messages ↔ the plain request/result/event dicts the dispatchers pass around.
+
+Torch-free. Every validation error is an `InvalidArgument` whose field is the path in the proto
+request (`params.top_p`, `infill.segments[2].text`, `midi_settings.tempo`), so a client can
+point at what it sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from typing import Any
+
+from unmask.engine.request import GenerationRequest, MidiSettings
+from unmask.errors import InvalidArgument, UnmaskError
+from unmask.models.sampler_params import SamplerParams
+from unmask.v1 import unmask_pb2 as pb
+
+MODALITY_TO_PROTO = {"text": pb.MODALITY_TEXT, "code": pb.MODALITY_CODE, "midi": pb.MODALITY_MIDI}
+MODALITY_FROM_PROTO = {v: k for k, v in MODALITY_TO_PROTO.items()}
+_SAMPLER_FIELDS = {f.name for f in dataclasses.fields(SamplerParams)}
+_DEFAULT_STEPS = SamplerParams().steps
+# proto SamplerParams field -> SamplerParams field (the rest share their names)
+_PARAM_RENAMES = {"cache": "use_cache"}
+_PARAM_PROTO_NAME = {v: k for k, v in _PARAM_RENAMES.items()}
+# GenerationRequest field -> where the same value sits in the proto request
+_REQUEST_FIELDS = {
+    "template": "infill.segments",
+    "bars": "midi_infill.bars",
+    "tracks": "midi_infill.tracks",
+    "midi_b64": "midi",
+}
+
+BATCH_STATUS_TO_PROTO = {
+    "running": pb.BATCH_STATUS_RUNNING,
+    "cancelling": pb.BATCH_STATUS_CANCELLING,
+    "completed": pb.BATCH_STATUS_COMPLETED,
+    "cancelled": pb.BATCH_STATUS_CANCELLED,
+}
+
+
+def proto_field(field: str | None) -> str | None:
+    """The proto path of a field named by the engine, the sampler or the request."""
+    if not field:
+        return field
+    if field.startswith(("params.", "midi_settings", "infill.", "midi_infill.")):
+        return field
+    if field in _SAMPLER_FIELDS:
+        return "params." + _PARAM_PROTO_NAME.get(field, field)
+    return _REQUEST_FIELDS.get(field, field)
+
+
+def relabel(exc: UnmaskError, prefix: str = "") -> UnmaskError:
+    """The same error with its field as a proto path (`prefix` for batch items)."""
+    exc.field = prefix + (proto_field(exc.field) or "request")
+    return exc
+
+
+# ---- requests ------------------------------------------------------------------------------
+
+
+def sampler_params(msg: pb.SamplerParams) -> SamplerParams:
+    """Unset fields take SamplerParams' defaults; an unset `steps` is clipped to gen_length."""
+    values: dict[str, Any] = {}
+    for desc in msg.DESCRIPTOR.fields:
+        if msg.HasField(desc.name):
+            values[_PARAM_RENAMES.get(desc.name, desc.name)] = getattr(msg, desc.name)
+    if "steps" not in values and "gen_length" in values:
+        # the default step count, clipped to what the length allows (>= 1 per block)
+        length, block = values["gen_length"], values.get("block_length") or 0
+        n_blocks = -(-length // block) if 0 < block <= length else 1
+        values["steps"] = max(n_blocks, min(_DEFAULT_STEPS, length))
+    try:
+        return SamplerParams(**values)
+    except InvalidArgument as exc:
+        raise relabel(exc) from None
+
+
+def _modality(msg: pb.GenerateRequest, source: str) -> str:
+    inferred = "midi" if source in ("midi", "midi_infill", "midi_settings") else "text"
+    if msg.modality == pb.MODALITY_UNSPECIFIED:
+        return inferred
+    if msg.modality not in MODALITY_FROM_PROTO:
+        raise InvalidArgument("unknown modality", field="modality", value=msg.modality)
+    modality = MODALITY_FROM_PROTO[msg.modality]
+    if (inferred == "midi") != (modality == "midi"):
+        raise InvalidArgument(
+            f"{source} needs modality {'MIDI' if inferred == 'midi' else 'TEXT or CODE'}",
+            field="modality",
+        )
+    return modality
+
+
+def _template(infill: pb.Infill) -> str:
+    if not infill.segments:
+        raise InvalidArgument("needs segments", field="infill.segments")
+    parts: list[str] = []
+    gaps = 0
+    for i, seg in enumerate(infill.segments):
+        kind = seg.WhichOneof("kind")
+        if kind == "mask":
+            if seg.mask < 1:
+                raise InvalidArgument("a gap needs >= 1 token", field=f"infill.segments[{i}].mask")
+            parts.append(f"[MASK:{seg.mask}]")
+            gaps += 1
+        elif kind == "text":
+            if "[MASK:" in seg.text:
+                raise InvalidArgument(
+                    "fixed text may not contain '[MASK:'; use a mask segment",
+                    field=f"infill.segments[{i}].text",
+                )
+            parts.append(seg.text)
+        else:
+            raise InvalidArgument("set text or mask", field=f"infill.segments[{i}]")
+    if not gaps:
+        raise InvalidArgument("needs at least one mask segment", field="infill.segments")
+    return "".join(parts)
+
+
+def generation_request(
+    msg: pb.GenerateRequest, *, job_id: str | None = None, deadline: float | None = None,
+    default_model: str = "default",
+) -> GenerationRequest:  # fmt: skip
+    """A proto request → a validated GenerationRequest (InvalidArgument names the proto field)."""
+    source = msg.WhichOneof("input") or "prompt"
+    modality = _modality(msg, source)
+    params = sampler_params(msg.params)
+    kwargs: dict[str, Any] = {
+        "modality": modality,
+        "params": params,
+        "model": msg.model or default_model,
+        "deadline": deadline,
+    }
+    if job_id:
+        kwargs["job_id"] = job_id
+    if source == "prompt":
+        kwargs["prompt"] = msg.prompt
+    elif source == "midi":
+        if not msg.midi:
+            raise InvalidArgument("is empty: send a MIDI file, or use midi_settings", field="midi")
+        kwargs["midi"] = msg.midi
+    elif source == "infill":
+        kwargs.update(kind="infill", template=_template(msg.infill))
+    elif source == "midi_infill":
+        mi = msg.midi_infill
+        if not mi.midi:
+            raise InvalidArgument("needs a MIDI file", field="midi_infill.midi")
+        kwargs.update(
+            kind="midi_infill", midi=mi.midi, bars=tuple(mi.bars),
+            tracks=tuple(mi.tracks) if mi.tracks else None,
+        )  # fmt: skip
+    elif source == "midi_settings":
+        s = msg.midi_settings
+        kwargs["midi_settings"] = MidiSettings(
+            time_signature=s.time_signature or "4/4",
+            tempo=s.tempo or 120.0,
+            programs=tuple(s.programs),
+            voices=s.voices or (len(s.programs) or 1),
+            bars=s.bars or 4,
+        )
+    try:
+        return GenerationRequest(**kwargs)
+    except InvalidArgument as exc:
+        if source == "midi_infill" and exc.field == "midi":
+            exc.field = "midi_infill.midi"
+        raise relabel(exc) from None
+
+
+# ---- results and events ------------------------------------------------------------------
+
+
+def usage_to_proto(u: dict[str, Any] | None) -> pb.Usage:
+    u = u or {}
+    return pb.Usage(
+        prompt_tokens=int(u.get("prompt_tokens") or 0),
+        generated_tokens=int(u.get("generated_tokens") or 0),
+        nfe=int(u.get("nfe") or 0),
+        steps=int(u.get("steps") or 0),
+        tokens_per_forward=float(u.get("tokens_per_forward") or 0.0),
+        latency_s=float(u.get("latency_s") or 0.0),
+        finish_reason=str(u.get("finish_reason") or ""),
+    )
+
+
+def result_midi(result: dict[str, Any]) -> bytes:
+    midi = result.get("output_midi")
+    if isinstance(midi, bytes):
+        return midi
+    b64 = result.get("output_midi_b64") or ""
+    return base64.b64decode(b64) if b64 else b""
+
+
+def response_to_proto(result: dict[str, Any], modality: str) -> pb.GenerateResponse:
+    """A finished job's result dict (succeeded) → GenerateResponse."""
+    return pb.GenerateResponse(
+        job_id=str(result.get("job_id") or ""),
+        modality=MODALITY_TO_PROTO.get(modality, pb.MODALITY_UNSPECIFIED),
+        text=str(result.get("output_text") or ""),
+        midi=result_midi(result),
+        usage=usage_to_proto(result.get("usage")),
+    )
+
+
+def _tokens(triples: list[list[Any]] | None) -> list[pb.Token]:
+    return [pb.Token(position=int(p), id=int(i), confidence=float(c)) for p, i, c in triples or []]
+
+
+def event_to_proto(event: dict[str, Any]) -> pb.GenerateEvent | None:
+    """A progress event (accepted / step / block) → GenerateEvent; None for unknown types."""
+    kind = event.get("type")
+    if kind == "accepted":
+        return pb.GenerateEvent(accepted=pb.GenerateEvent.Accepted(job_id=event.get("job_id", "")))
+    if kind == "step":
+        return pb.GenerateEvent(
+            step=pb.GenerateEvent.Step(
+                step=int(event.get("step") or 0),
+                block=int(event.get("block") or 0),
+                committed=_tokens(event.get("committed")),
+                tentative=_tokens(event.get("tentative")),
+                remasked=[int(p) for p in event.get("remasked") or []],
+            )
+        )
+    if kind == "block":
+        return pb.GenerateEvent(
+            block=pb.GenerateEvent.Block(
+                index=int(event.get("index") or 0),
+                text=str(event.get("text") or ""),
+                ids=[int(i) for i in event.get("ids") or []],
+            )
+        )
+    return None
+
+
+# ---- batches -------------------------------------------------------------------------------
+
+
+def batch_to_proto(rec: dict[str, Any]) -> pb.BatchJob:
+    counts = rec.get("counts") or {}
+    total = int(counts.get("total") or 0)
+    done = sum(int(counts.get(k) or 0) for k in ("succeeded", "failed", "cancelled"))
+    return pb.BatchJob(
+        id=rec["id"],
+        status=BATCH_STATUS_TO_PROTO.get(rec.get("status", ""), pb.BATCH_STATUS_UNSPECIFIED),
+        counts=pb.BatchCounts(
+            total=total,
+            succeeded=int(counts.get("succeeded") or 0),
+            failed=int(counts.get("failed") or 0),
+            cancelled=int(counts.get("cancelled") or 0),
+            pending=max(0, total - done),
+        ),
+        model=rec.get("model", ""),
+        idempotency_key=rec.get("idempotency_key", ""),
+        created_at=float(rec.get("created_at") or 0.0),
+        finished_at=float(rec.get("finished_at") or 0.0),
+    )
+
+
+def item_result_to_proto(item: dict[str, Any]) -> pb.BatchItemResult:
+    """A stored item result {custom_id, status, modality, job_id, output_text, output_midi_b64,
+    usage, error} → BatchItemResult."""
+    out = pb.BatchItemResult(custom_id=item["custom_id"], status=item["status"])
+    if item["status"] == "succeeded":
+        out.response.CopyFrom(response_to_proto(item, item.get("modality", "")))
+    else:
+        err = item.get("error") or {}
+        out.error.CopyFrom(
+            pb.ItemError(
+                code=str(err.get("code") or ""),
+                type=str(err.get("type") or ""),
+                field=str(err.get("field") or ""),
+                message=str(err.get("message") or ""),
+            )
+        )
+    return out

@@ -1,0 +1,486 @@
+"""The gRPC front end (`grpc.aio`): the Unmask service, health, reflection, interceptors.
+
+The servicer maps messages to dispatcher calls and errors to status codes; auth and request ids
+live in interceptors (service/interceptors.py). torch is never imported here: the local
+dispatcher imports the Engine lazily when it loads the model, the celery one never does.
+
+    server = UnmaskServer(Settings.from_env())
+    port = await server.start()          # binds settings.host:settings.port (port=0: any free)
+    await server.wait_for_termination()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from redis.exceptions import RedisError
+
+from unmask.errors import InvalidArgument, UnmaskError
+from unmask.service import mapping
+from unmask.service.batches import (
+    FINISHED,
+    BatchRunner,
+    BatchStore,
+    MemoryBatchStore,
+    RedisBatchStore,
+    new_batch_id,
+)
+from unmask.service.dispatch import Dispatcher, ModelInfo, make_dispatcher
+from unmask.service.interceptors import (
+    FIELD_KEY,
+    REQUEST_ID_KEY,
+    AuthInterceptor,
+    RequestIdInterceptor,
+    request_id_var,
+)
+from unmask.service.status import JobFailed, NotFound, TooLarge, code_for_exception
+from unmask.settings import Settings
+from unmask.v1 import unmask_pb2 as pb
+from unmask.v1 import unmask_pb2_grpc as pb_grpc
+from unmask.workers.protocol import BrokerUnavailable
+
+log = logging.getLogger("unmask.service")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Unmask"].full_name  # "unmask.v1.Unmask"
+MAX_PAGE_SIZE = 100
+RESULTS_POLL_S = 0.2
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: UnmaskError) -> None:
+    """End the call with the error's status code; the field goes in the trailing metadata."""
+    code = code_for_exception(exc)
+    trailing = [(REQUEST_ID_KEY, request_id_var.get())]
+    if exc.field:
+        trailing.append((FIELD_KEY, str(exc.field)))
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("call failed: %s", exc)
+    await context.abort(code, str(exc), trailing_metadata=tuple(trailing))
+
+
+def _broker_down(exc: BaseException) -> BrokerUnavailable:
+    return BrokerUnavailable(f"the job queue's Redis is unreachable ({exc})", field="broker_url")
+
+
+def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except UnmaskError as exc:
+            await abort(context, exc)
+        except RedisError as exc:  # the batch store (celery dispatcher)
+            await abort(context, _broker_down(exc))
+
+    return call
+
+
+def streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except UnmaskError as exc:
+            await abort(context, exc)
+        except RedisError as exc:
+            await abort(context, _broker_down(exc))
+
+    return call
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The client's deadline as an absolute time for the job (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.time() + max(0.0, remaining)
+
+
+def _model_proto(m: ModelInfo) -> pb.Model:
+    return pb.Model(
+        name=m.name, ready=m.ready, dispatcher=m.dispatcher, live_workers=m.live_workers,
+        queue_length=m.queue_length, max_seq_len=m.max_seq_len, architecture=m.architecture,
+        modalities=[mapping.MODALITY_TO_PROTO[x] for x in m.modalities],
+    )  # fmt: skip
+
+
+class UnmaskServicer(pb_grpc.UnmaskServicer):
+    def __init__(
+        self, settings: Settings, dispatcher: Dispatcher, store: BatchStore, runner: BatchRunner
+    ) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.store = store
+        self.runner = runner
+        self._cancels: set[asyncio.Task] = set()
+
+    # ---- generation ------------------------------------------------------------------------
+    def _request(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
+        return mapping.generation_request(
+            msg, deadline=_deadline(context), default_model=self.dispatcher.default_model
+        )
+
+    def _cancel_soon(self, job_id: str) -> None:
+        """The caller went away (cancelled, deadline): stop its job, without blocking."""
+        log.info("call ended early; cancelling job %s", job_id)
+        task = asyncio.get_running_loop().create_task(self.dispatcher.cancel(job_id))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    @staticmethod
+    def _response(final: dict[str, Any], modality: str) -> pb.GenerateResponse:
+        if final.get("status") != "succeeded":
+            error = dict(final.get("error") or {})
+            error["field"] = mapping.proto_field(error.get("field"))
+            raise JobFailed(final.get("status", "failed"), error)
+        return mapping.response_to_proto(final, modality)
+
+    async def _follow(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The job's events; cancels the job if the call ends before its final event."""
+        finished = False
+        try:
+            async for event in self.dispatcher.events(job_id):
+                finished = event.get("type") == "final"
+                yield event
+        finally:
+            if not finished:
+                self._cancel_soon(job_id)
+
+    @unary
+    async def Generate(self, request, context):
+        req = self._request(request, context)
+        job_id = await self.dispatcher.submit(req)
+        log.info("job %s: %s %s", job_id, req.kind, req.modality)
+        async for event in self._follow(job_id):
+            if event.get("type") == "final":
+                return self._response(event, req.modality)
+        raise UnmaskError("the job ended without a result", field="job_id")
+
+    @streaming
+    async def GenerateStream(self, request, context):
+        req = self._request(request, context)
+        job_id = await self.dispatcher.submit(req)
+        log.info("job %s: %s %s (stream)", job_id, req.kind, req.modality)
+        accepted = False
+        async for event in self._follow(job_id):
+            kind = event.get("type")
+            if kind == "final":
+                if not accepted:
+                    yield mapping.event_to_proto({"type": "accepted", "job_id": job_id})
+                yield pb.GenerateEvent(final=self._response(event, req.modality))
+                return
+            accepted = accepted or kind == "accepted"
+            msg = mapping.event_to_proto(event)
+            if msg is not None:
+                yield msg
+
+    # ---- batches ---------------------------------------------------------------------------
+    async def _batch(self, batch_id: str) -> dict[str, Any]:
+        rec = await self.store.get(batch_id) if batch_id else None
+        if rec is None:
+            raise NotFound(f"no batch job {batch_id!r}", field="id", value=batch_id)
+        return rec
+
+    @unary
+    async def SubmitBatch(self, request, context):
+        n = len(request.items)
+        if n == 0:
+            raise InvalidArgument("a batch needs at least one item", field="items")
+        if n > self.settings.max_batch_items:
+            raise TooLarge(
+                f"{n} items; at most {self.settings.max_batch_items} per batch", field="items"
+            )
+        if len(request.idempotency_key) > 256:
+            raise InvalidArgument("at most 256 characters", field="idempotency_key")
+        default = request.model or self.dispatcher.default_model
+        seen: set[str] = set()
+        items, models = [], set()
+        for i, item in enumerate(request.items):
+            cid = item.custom_id
+            if not cid or len(cid) > 256:
+                raise InvalidArgument("needs 1..256 characters", field=f"items[{i}].custom_id")
+            if cid in seen:
+                raise InvalidArgument(f"duplicate {cid!r}", field=f"items[{i}].custom_id")
+            seen.add(cid)
+            try:
+                req = mapping.generation_request(item.request, default_model=default)
+            except UnmaskError as exc:
+                raise mapping.relabel(exc, prefix=f"items[{i}].request.") from None
+            models.add(req.model)
+            items.append({"custom_id": cid, "request": req.to_dict()})
+        for model in sorted(models):
+            await self.dispatcher.check_model(model)
+        record = {
+            "id": new_batch_id(), "model": default, "created_at": time.time(),
+            "idempotency_key": request.idempotency_key,
+        }  # fmt: skip
+        batch_id, created = await self.store.create(record, items)
+        log.info("batch %s: %s (%d items)", batch_id, "created" if created else "existing", n)
+        self.runner.kick()
+        return mapping.batch_to_proto(await self._batch(batch_id))
+
+    @unary
+    async def GetJob(self, request, context):
+        return mapping.batch_to_proto(await self._batch(request.id))
+
+    @unary
+    async def ListJobs(self, request, context):
+        size = min(request.page_size or 20, MAX_PAGE_SIZE)
+        try:
+            offset = int(request.page_token or 0)
+            if offset < 0:
+                raise ValueError
+        except ValueError:
+            raise InvalidArgument("not a token from ListJobs", field="page_token") from None
+        recs = await self.store.list(offset, size + 1)
+        more = len(recs) > size
+        return pb.ListJobsResponse(
+            jobs=[mapping.batch_to_proto(r) for r in recs[:size]],
+            next_page_token=str(offset + size) if more else "",
+        )
+
+    @unary
+    async def CancelJob(self, request, context):
+        rec = await self._batch(request.id)
+        if rec["status"] not in FINISHED:
+            await self.store.request_cancel(request.id)
+            self.runner.kick()
+            log.info("batch %s: cancel requested", request.id)
+        return mapping.batch_to_proto(await self._batch(request.id))
+
+    @streaming
+    async def StreamJobResults(self, request, context):
+        await self._batch(request.id)
+        offset = request.offset
+        while True:
+            page = await self.store.results(request.id, offset, 100)
+            for item in page:
+                yield mapping.item_result_to_proto(item)
+            offset += len(page)
+            if page:
+                continue
+            rec = await self._batch(request.id)
+            if not request.follow or rec["status"] in FINISHED:
+                if rec["status"] in FINISHED:  # results recorded just before the finalize
+                    for item in await self.store.results(request.id, offset, 1 << 30):
+                        yield mapping.item_result_to_proto(item)
+                return
+            await asyncio.sleep(RESULTS_POLL_S)
+
+    # ---- models ----------------------------------------------------------------------------
+    @unary
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(
+            models=[_model_proto(m) for m in await self.dispatcher.models()]
+        )
+
+    @unary
+    async def GetModel(self, request, context):
+        name = request.name or self.dispatcher.default_model
+        for m in await self.dispatcher.models():
+            if m.name == name:
+                return _model_proto(m)
+        raise NotFound(f"unknown model {name!r}", field="name", value=name)
+
+
+class UnmaskServer:
+    """The whole front end: gRPC server, dispatcher, batch runner, health updates."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        dispatcher: Dispatcher | None = None,
+        generator: Any = None,
+        health_interval_s: float | None = None,
+    ) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher or make_dispatcher(settings, generator)
+        self.store = self._make_store()
+        self.runner = BatchRunner(self.store, self.dispatcher, window=settings.batch_window)
+        self.health = health.aio.HealthServicer()
+        self.health_interval_s = health_interval_s or min(1.0, settings.heartbeat_s)
+        self.serving: bool | None = None
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health_task: asyncio.Task | None = None
+
+    def _make_store(self) -> BatchStore:
+        if self.dispatcher.kind == "local":
+            return MemoryBatchStore()
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(
+            self.settings.broker_url, socket_connect_timeout=1.0, socket_timeout=2.0
+        )
+        return RedisBatchStore(client, ttl_s=self.settings.result_ttl_s)
+
+    def _options(self) -> list[tuple[str, Any]]:
+        limit = self.settings.max_message_bytes
+        return [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
+
+    async def start(self, port: int | None = None) -> int:
+        s = self.settings
+        interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
+        if s.auth_tokens:
+            interceptors.append(AuthInterceptor(s.auth_tokens))
+        server = grpc.aio.server(interceptors=interceptors, options=self._options())
+        pb_grpc.add_UnmaskServicer_to_server(
+            UnmaskServicer(s, self.dispatcher, self.store, self.runner), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{s.host}:{s.port if port is None else port}"
+        if s.tls_cert or s.tls_key:
+            if not (s.tls_cert and s.tls_key):
+                raise InvalidArgument("TLS needs both tls_cert and tls_key", field="tls_key")
+            with open(s.tls_key, "rb") as k, open(s.tls_cert, "rb") as c:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            self.port = server.add_secure_port(address, creds)
+        else:
+            self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise InvalidArgument(f"cannot listen on {address}", field="port")
+        await self._set_health(False)
+        await server.start()
+        self._server = server
+        await self.dispatcher.start()
+        self.runner.start()
+        self._health_task = asyncio.create_task(self._watch_health(), name="unmask-health")
+        log.info("serving %s on %s (%s dispatcher, auth %s, tls %s)", SERVICE_NAME,
+                 f"{s.host}:{self.port}", self.dispatcher.kind,
+                 "on" if s.auth_tokens else "off", "on" if s.tls_cert else "off")  # fmt: skip
+        return self.port
+
+    async def _set_health(self, serving: bool) -> None:
+        if serving == self.serving:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+        if self.serving is not None:
+            log.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+        self.serving = serving
+
+    async def check_health(self) -> bool:
+        try:
+            serving = await self.dispatcher.ready()
+        except UnmaskError:
+            serving = False
+        await self._set_health(serving)
+        return serving
+
+    async def _watch_health(self) -> None:
+        while True:
+            try:
+                await self.check_health()
+            except Exception:
+                log.exception("health check failed")
+            await asyncio.sleep(self.health_interval_s)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        if self._server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+        await self.runner.close()
+        await self.dispatcher.close()
+        if isinstance(self.store, RedisBatchStore):
+            await self.store.r.aclose()
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+
+async def serve(settings: Settings, port: int | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then stop gracefully."""
+    import signal
+
+    server = UnmaskServer(settings)
+    await server.start(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(server.wait_for_termination())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down")
+    await server.stop()
+    for task in (waiter, stopper):
+        task.cancel()
+
+
+class ServerThread:
+    """An `UnmaskServer` on its own event loop in a background thread, for synchronous code:
+    the demo, tests, notebooks.
+
+        with ServerThread(Settings(model=...)) as srv:
+            client = Client(f"127.0.0.1:{srv.port}")
+    """
+
+    def __init__(self, settings: Settings, **server_kwargs: Any) -> None:
+        import threading
+
+        self.settings = settings
+        self._kwargs = server_kwargs
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="unmask-server",
+                                        daemon=True)  # fmt: skip
+        self.server: UnmaskServer | None = None
+        self.port = 0
+
+    def call(self, coro: Any, timeout: float | None = 60) -> Any:
+        """Run a coroutine on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, port: int = 0, wait_ready: bool = True, timeout: float = 120) -> int:
+        self._thread.start()
+
+        async def boot() -> int:
+            self.server = UnmaskServer(self.settings, **self._kwargs)
+            return await self.server.start(port)
+
+        self.port = self.call(boot())
+        if wait_ready:
+            wait = getattr(self.server.dispatcher, "wait_ready", None) if self.server else None
+            if wait is not None:
+                self.call(wait(), timeout)
+            self.call(self.server.check_health())  # type: ignore[union-attr]
+        return self.port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.call(self.server.stop(grace=0.5))
+            self.server = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> ServerThread:
+        if not self.port:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

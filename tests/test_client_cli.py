@@ -1,0 +1,116 @@
+"""The command line on top of the client: generate / infill / midi with --server, batch jobs,
+the live view, and the in-process fallback. Runs `unmask.cli.main` in this process."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import mido
+import pytest
+
+from unmask.cli import main
+from unmask.service.server import ServerThread
+from unmask.settings import Settings
+
+FAST = ["--length", "8", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    from unmask.models.generation import Generator
+
+    with ServerThread(Settings(), generator=Generator.load(tiny_model_dir)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def target(server):
+    return f"127.0.0.1:{server.port}"
+
+
+def test_generate_through_the_server_prints_output_and_usage(target, capsys):
+    assert main(["generate", "--server", target, "--prompt", "Hello", "--json", *FAST]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["output"].startswith("Hello") and record["usage"]["generated_tokens"] == 8
+
+
+def test_infill_through_the_server_keeps_the_template(target, capsys):
+    assert main(["infill", "--server", target, "a [MASK:3] b", "--steps", "2"]) == 0
+    out = capsys.readouterr().out.rstrip("\n")
+    assert out.startswith("a ") and out.endswith(" b")
+
+
+def test_stream_shows_the_canvas_step_by_step(target, capsys):
+    args = ["generate", "--server", target, "--prompt", "Hi", "--stream", "--length", "8",
+            "--steps", "4", "--block-length", "4"]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 4 and "░" in lines[0] and "░" not in lines[-1]
+
+
+def test_midi_from_settings_writes_a_file_and_a_piano_roll(target, tmp_path, capsys):
+    out = tmp_path / "song.mid"
+    args = ["midi", "--server", target, "--out", str(out), "--png", "--time-signature", "3/4",
+            "--tempo", "90", "--voices", "2", "--n-bars", "2", "--length", "24", "--steps", "4",
+            "--seed", "3"]  # fmt: skip
+    assert main(args) == 0
+    mf = mido.MidiFile(file=io.BytesIO(out.read_bytes()))
+    assert any(m.type == "note_on" for t in mf.tracks for m in t)
+    png = out.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 100
+
+
+def test_midi_runs_in_process_without_a_server(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("UNMASK_SERVER", raising=False)
+    out = tmp_path / "local.mid"
+    args = ["midi", "--model", str(tiny_model_dir), "--out", str(out), "--n-bars", "1",
+            "--length", "16", "--steps", "2", "--seed", "1"]  # fmt: skip
+    assert main(args) == 0
+    assert out.read_bytes().startswith(b"MThd")
+
+
+def test_errors_are_one_line_and_exit_status_2(target, capsys):
+    assert main(["generate", "--server", target, "--model", "nope", *FAST]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["generate", "--server", target, "--top-p", "2", *FAST]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_batch_submit_status_results_cancel(target, tmp_path, capsys):
+    jsonl = tmp_path / "in.jsonl"
+    rows = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/generate",
+             "body": {"modality": "text", "prompt": f"Row {i}", "params": {"gen_length": 8,
+                                                                          "steps": 2}}}
+            for i in range(3)]  # fmt: skip
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["batch", "submit", str(jsonl), "--server", target, "--wait",
+                 "--idempotency-key", "cli-1"]) == 0  # fmt: skip
+    job = json.loads(capsys.readouterr().out)
+    assert job["status"] == "completed" and job["counts"]["succeeded"] == 3
+    assert main(["batch", "submit", str(jsonl), "--server", target,
+                 "--idempotency-key", "cli-1"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["id"] == job["id"]
+    assert main(["batch", "status", job["id"], "--server", target]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["total"] == 3
+    assert main(["batch", "results", job["id"], "--server", target]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["custom_id"] for r in out) == ["r0", "r1", "r2"]
+    assert all(r["response"]["text"].startswith("Row") for r in out)
+    assert main(["batch", "cancel", job["id"], "--server", target]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "completed"  # already done: kept
+    assert main(["batch", "list", "--server", target]) == 0
+    assert job["id"] in capsys.readouterr().out
+
+
+def test_a_bad_batch_line_names_the_line(target, tmp_path, capsys):
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text(json.dumps({"custom_id": "a", "body": {"prompt": "x", "bogus": 1}}) + "\n")
+    assert main(["batch", "submit", str(jsonl), "--server", target]) == 2
+    assert "line 1" in capsys.readouterr().err
+
+
+def test_health_command_exits_0_when_serving(target, capsys):
+    assert main(["health", "--server", target]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"

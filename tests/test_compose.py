@@ -1,0 +1,121 @@
+"""compose.yaml agrees with the code: settings names, commands, health checks, dependencies."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+
+import pytest
+from conftest import REPO
+
+from unmask.settings import Settings
+
+yaml = pytest.importorskip("yaml")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((REPO / "compose.yaml").read_text())
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _parse(command: list[str]):
+    """The command's arguments as `unmask` parses them (fails on an unknown flag)."""
+    from unmask.cli import build_parser
+
+    assert command[0] == "unmask", command
+    return build_parser(command[1]).parse_args(command[1:])
+
+
+def test_services_and_profiles(compose):
+    services = compose["services"]
+    assert {"redis", "server", "worker", "worker-cpu"} <= set(services)
+    assert services["worker-cpu"]["profiles"] == ["cpu"]
+    assert "profiles" not in services["worker"] and "profiles" not in services["server"]
+
+
+def test_every_unmask_variable_is_a_setting_and_parses(compose):
+    names = set(Settings.env_names().values())
+    for name, service in compose["services"].items():
+        env = _env(service)
+        unknown = {k for k in env if k.startswith("UNMASK_")} - names
+        assert not unknown, f"{name}: {unknown} are not Settings fields"
+        values = {k: v for k, v in env.items() if k.startswith("UNMASK_") and "${" not in v}
+        Settings.from_env(values)  # every value parses and validates
+
+
+def test_front_end_and_workers_share_the_broker_and_model_name(compose):
+    services = compose["services"]
+    envs = {n: _env(services[n]) for n in ("server", "worker", "worker-cpu")}
+    brokers = {e["UNMASK_BROKER_URL"] for e in envs.values()}
+    names = {e.get("UNMASK_MODEL_NAME", "default") for e in envs.values()}
+    assert brokers == {"redis://redis:6379/0"} and len(names) == 1
+    assert envs["worker"]["UNMASK_DEVICE"] == "cuda"
+    assert envs["worker-cpu"]["UNMASK_DEVICE"] == "cpu"
+    server = envs["server"]
+    assert server["UNMASK_HOST"] == "0.0.0.0"
+    assert services["server"]["ports"] == [f"{server['UNMASK_PORT']}:{server['UNMASK_PORT']}"]
+
+
+def test_redis_is_durable_private_and_checked(compose):
+    redis = compose["services"]["redis"]
+    cmd = redis["command"]
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "ports" not in redis  # not published outside the compose network
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+
+
+def test_every_service_has_a_health_check_and_waits_for_a_healthy_redis(compose):
+    for name, service in compose["services"].items():
+        check = service.get("healthcheck")
+        assert check and check["test"][0] == "CMD", name
+        if name != "redis":
+            assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+
+
+def test_commands_and_health_checks_are_real_cli_commands(compose):
+    services = compose["services"]
+    assert _parse(services["server"]["command"]).func.__name__ == "cmd_serve"
+    for name in ("worker", "worker-cpu"):
+        assert services[name]["command"] == ["unmask", "worker"]
+        check = _parse(services[name]["healthcheck"]["test"][1:])
+        assert check.func.__name__ == "cmd_health" and check.worker
+    check = _parse(services["server"]["healthcheck"]["test"][1:])
+    port = _env(services["server"])["UNMASK_PORT"]
+    assert check.func.__name__ == "cmd_health" and check.server == f"127.0.0.1:{port}"
+
+
+def test_the_gpu_worker_reserves_a_gpu(compose):
+    devices = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
+    assert "deploy" not in compose["services"]["worker-cpu"]
+
+
+def test_the_dockerfile_installs_the_package_and_defaults_to_serve():
+    text = (REPO / "Dockerfile").read_text()
+    for folder in ("src", "tokenizers", "models", "engine", "workers", "service"):
+        assert f"COPY {folder} ./{folder}" in text, folder
+    cmd = [line for line in text.splitlines() if line.startswith("CMD")][-1]
+    assert shlex.split(cmd.replace("[", "").replace("]", "").replace(",", " "))[1:] == [
+        "unmask", "serve",
+    ]  # fmt: skip
+
+
+def test_docker_compose_accepts_the_file():
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("docker is not installed")
+    probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip("docker compose is not available")
+    out = subprocess.run([docker, "compose", "-f", str(REPO / "compose.yaml"), "config", "-q"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
