@@ -23,3 +23,7 @@ lint: setup
 
 test: setup install lint
 	$(PY) -m pytest
+
+.PHONY: bench
+bench: setup install
+	$(PY) bench/run_all.py
