@@ -186,6 +186,13 @@ class Generator:
     def prepare_generate(
         self, modality: str, prompt: str | bytes | None, params: SamplerParams
     ) -> Prepared:
+        if modality == "midi" and not prompt and not self.is_ar:
+            # a new piece: fixed bar structure (one flute voice, 4/4) with the notes generated;
+            # more robust than asking a small model for the structure too
+            from unmask.engine.request import MidiSettings
+
+            bars = max(1, min(16, params.gen_length // 16))
+            return self.prepare_midi_settings(MidiSettings(programs=(73,), bars=bars), params)
         text_prefix = prompt if isinstance(prompt, str) else ""
         return self.prepare_from_ids(
             modality, self.prompt_ids(modality, prompt), params, text_prefix
@@ -259,7 +266,7 @@ class Generator:
         for a, b in spans:
             if a > prev:
                 segments.append(Fixed(ids[prev:a]))
-            segments.append(Masked(b - a, "midi"))
+            segments.append(Masked(b - a, "midi_bar"))
             prev = b
         segments.append(Fixed(ids[prev:w_hi]))
         canvas = self._check_canvas(Canvas([s for s in segments if len(s)]), field="bars")
@@ -309,7 +316,7 @@ class Generator:
             fixed += [track_start, program]
             for b in range(settings.bars):
                 fixed += [bar, time_sig] + ([position0, tempo] if b == 0 else [])
-                segments += [Fixed(fixed), Masked(gap, "midi")]
+                segments += [Fixed(fixed), Masked(gap, "midi_bar")]
                 fixed = []
             fixed = [track_end]
         segments.append(Fixed(fixed))

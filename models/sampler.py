@@ -46,7 +46,7 @@ class SamplerVocab:
     modality_masks:    name -> bool (V,) ids allowed in a span of that modality (EOS included).
     midi_type_of_id:   int (V,) MIDI token type of each id, -1 for non-MIDI ids.
     midi_allowed_next: bool (n_types, n_types): type b may follow type a.
-    grammar_modality:  spans of this modality get the MIDI grammar mask.
+    grammar_modality:  spans of this modality (or these modalities) get the MIDI grammar mask.
     """
 
     mask_id: int
@@ -55,7 +55,7 @@ class SamplerVocab:
     modality_masks: Mapping[str, Any] = field(default_factory=dict)
     midi_type_of_id: Any = None
     midi_allowed_next: Any = None
-    grammar_modality: str = "midi"
+    grammar_modality: str | tuple[str, ...] = ("midi", "midi_bar")
 
     def __post_init__(self) -> None:
         for name in ("mask_id", "eos_id", "pad_id"):
@@ -88,11 +88,18 @@ class SamplerVocab:
     ) -> SamplerVocab:
         """From any object with the unified vocabulary's interface (duck-typed: pad_id, mask_id,
         eos_id, modality_mask(m), midi_type_of_id(), midi_allowed_next())."""
+        masks = {m: vocab.modality_mask(m) for m in modalities}
+        if "midi" in masks and hasattr(vocab, "midi_structural_mask"):
+            # "midi_bar": the notes inside a bar whose structure (track, program, bar line, time
+            # signature) is given — no structural tokens and no EOS, so a gap cannot close early
+            bar = masks["midi"] & ~vocab.midi_structural_mask()
+            bar[int(vocab.eos_id)] = False
+            masks["midi_bar"] = bar
         return cls(
             mask_id=int(vocab.mask_id),
             eos_id=int(vocab.eos_id),
             pad_id=int(vocab.pad_id),
-            modality_masks={m: vocab.modality_mask(m) for m in modalities},
+            modality_masks=masks,
             midi_type_of_id=vocab.midi_type_of_id(),
             midi_allowed_next=vocab.midi_allowed_next(),
         )
@@ -133,7 +140,15 @@ class SamplerVocab:
         if self.midi_type_of_id is not None:
             type_of = fit(self.midi_type_of_id, -1).to(device)
             next_ok = self.midi_allowed_next.to(device)
-        grammar_row = self.modality_rows.get(self.grammar_modality)
+        names = (
+            (self.grammar_modality,)
+            if isinstance(self.grammar_modality, str)
+            else self.grammar_modality
+        )
+        grammar_rows = [self.modality_rows[n] for n in names if n in self.modality_rows]
+        grammar_row = (
+            torch.tensor(grammar_rows, dtype=torch.long, device=device) if grammar_rows else None
+        )
         return ConstraintTables(torch.stack(rows).to(device), type_of, next_ok, grammar_row)
 
 
@@ -142,7 +157,7 @@ class ConstraintTables:
     allowed: Tensor  # bool [n_modalities + 1, V]; row 0 = unconstrained
     type_of_id: Tensor | None  # long [V], -1 for non-MIDI ids
     allowed_next: Tensor | None  # bool [n_types, n_types]
-    grammar_row: int | None  # modality row whose positions get the grammar mask
+    grammar_row: Tensor | None  # long [k]: modality rows whose positions get the grammar mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +346,7 @@ def apply_constraints(
     """
     allowed = tables.allowed[modality_rows[positions]]  # [N, V]
     if grammar and tables.type_of_id is not None and tables.grammar_row is not None:
-        in_span = modality_rows[positions] == tables.grammar_row
+        in_span = torch.isin(modality_rows[positions], tables.grammar_row)
         if bool(in_span.any()):
             g = allowed[in_span] & grammar_mask(positions[in_span], ids, masked, tables)
             feasible = g.any(dim=-1, keepdim=True)
