@@ -89,7 +89,7 @@ def main() -> None:
     t0 = time.perf_counter()
     if not Path("data/corpus/manifest.json").exists():
         subprocess.run([sys.executable, "-m", "unmask", "data", "build", "--quiet"], check=True)
-    n = ["--prompts", "2"] if args.quick else []
+    n = ["--prompts", "2", "--length", "64", "--batch", "8"] if args.quick else []
     sampler = sampler_vs_ar.main(n)
     load = service_load.main(["--requests", "32"] if args.quick else [])
     report = {"machine": machine(), "sampler_vs_ar": sampler, "service_load": load,
