@@ -22,15 +22,30 @@ def main() -> None:
     ap.add_argument("dst")
     ap.add_argument("--eval", default=None, help="JSON from `unmask eval --json` to record")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--corpus", default="data/corpus", help="for the sources and licences")
+    ap.add_argument("--note", default="", help="text for the limitations section")
     args = ap.parse_args()
     model, vocab, meta = checkpoint.load(args.src)
     meta = {k: v for k, v in meta.items() if k not in ("format_version", "model", "parameters",
                                                        "weights_dtype", "vocab_content_hash")}  # fmt: skip
     if args.name:
         meta["name"] = args.name
+    manifest = Path(args.corpus) / "manifest.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        rows = [f"| {name} | {s['modality']} | {s['splits']['train']['documents']:,} | "
+                f"{s['splits']['train']['tokens']:,} | {s['licence']} |"
+                for name, s in m["sources"].items()]  # fmt: skip
+        meta["data"] = (
+            "Corpus built by `unmask data build` from installed packages only (no downloads); "
+            "train split:\n\n| source | modality | documents | tokens | licence |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\nThe Essen folk songs are "
+            "licensed for non-commercial research use only: so is this model's MIDI side."
+        )
+    notes = args.note + "\n" if args.note else ""
     if args.eval:
         report = json.loads(Path(args.eval).read_text())
-        meta["notes"] = (
+        meta["notes"] = notes + (
             "\n## Held-out evaluation (`unmask eval`)\n\n```json\n"
             + json.dumps(report.get("modalities", report), indent=1)[:6000]
             + "\n```\n"
