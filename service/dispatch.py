@@ -254,9 +254,14 @@ class LocalDispatcher(Dispatcher):
         assert job.queue is not None, "submitted with events=False"
         while True:
             event = await job.queue.get()
-            yield event
-            if event.get("type") == "final":
+            final = event.get("type") == "final"
+            if final:
+                # forget the job (its request and result) before handing out the final event:
+                # a reader that stops there (Generate returns, an error is raised) never resumes
+                # this generator, and the job would stay in memory for FORGET_AFTER_S
                 self._jobs.pop(job_id, None)
+            yield event
+            if final:
                 return
 
     async def cancel(self, job_id: str) -> None:

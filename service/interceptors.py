@@ -6,6 +6,9 @@
 - Auth: with tokens configured, every call except the health service needs
   `authorization: Bearer <token>`; anything else is UNAUTHENTICATED. Tokens are compared in
   constant time.
+- A request message that does not parse (corrupt wire format, bad UTF-8 in a string field) is
+  INVALID_ARGUMENT with field `request` (grpc would answer UNKNOWN), after auth: an
+  unauthenticated caller still gets UNAUTHENTICATED.
 """
 
 from __future__ import annotations
@@ -58,17 +61,50 @@ def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
     return out
 
 
-def _wrap(handler: grpc.RpcMethodHandler, around: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    """A handler whose behaviour runs inside `around(behaviour, request, context)`."""
+class Undecodable:
+    """Stands in for a request message that did not parse; the call ends INVALID_ARGUMENT."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that returns Undecodable instead of raising (grpc would say UNKNOWN)."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, or whatever a parser raises
+            return Undecodable(f"{type(exc).__name__}: {exc}")
+
+    return parse
+
+
+async def _reject_undecodable(context: grpc.aio.ServicerContext, request: Undecodable) -> None:
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"request: not a valid message of this method ({request.error})",
+        trailing_metadata=((REQUEST_ID_KEY, request_id_var.get()), (FIELD_KEY, "request")),
+    )
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler,
+    around: Callable[..., Any],
+    deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """A handler whose behaviour runs inside `around(behaviour, request, context)`;
+    `deserializer` replaces the handler's request deserializer."""
+    parse = deserializer or handler.request_deserializer
     if handler.unary_unary is not None:
         inner = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             return await around(inner, request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(unary_unary, parse, handler.response_serializer)
     if handler.unary_stream is not None:
         inner_stream = handler.unary_stream
 
@@ -77,7 +113,7 @@ def _wrap(handler: grpc.RpcMethodHandler, around: Callable[..., Any]) -> grpc.Rp
                 yield item
 
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
+            unary_stream, parse, handler.response_serializer
         )
     return handler  # client/bidi streaming: not used by this service
 
@@ -119,6 +155,8 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
             await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
             error: BaseException | None = None
             try:
+                if isinstance(request, Undecodable) and not _denies(behaviour):
+                    await _reject_undecodable(context, request)
                 async for item in behaviour(request, context):
                     yield item
             except BaseException as exc:
@@ -132,6 +170,8 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
             await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
             error: BaseException | None = None
             try:
+                if isinstance(request, Undecodable) and not _denies(behaviour):
+                    await _reject_undecodable(context, request)
                 return await behaviour(request, context)
             except BaseException as exc:
                 error = exc
@@ -144,7 +184,13 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
                 return around_stream(behaviour, request, context)
             return around_unary(behaviour, request, context)
 
-        return _wrap(handler, dispatch)
+        # the outermost handler's deserializer is the one grpc calls
+        return _wrap(handler, dispatch, _tolerant(handler.request_deserializer))
+
+
+def _denies(behaviour: Any) -> bool:
+    """The behaviour is AuthInterceptor's refusal (which never reads the message)."""
+    return bool(getattr(behaviour, "unmask_denies", False))
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -187,4 +233,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 return deny_stream(behaviour, request, context)
             return deny(behaviour, request, context)
 
-        return _wrap(handler, dispatch)
+        denied = _wrap(handler, dispatch)
+        for fn in (denied.unary_unary, denied.unary_stream):
+            if fn is not None:
+                fn.unmask_denies = True  # type: ignore[attr-defined]
+        return denied

@@ -9,7 +9,8 @@ Torch-free and Celery-free, so the gRPC front end (through `client.JobQueue`) an
     unmask:job:<id>:events               Redis Stream of progress events (field "data": JSON)
     unmask:job:<id>:cancel               cancellation flag
     unmask:job:<id>:status               queued | running | <terminal status>
-    unmask:job:<id>:deliveries           times a worker received the job (redeliveries included)
+    unmask:job:<id>:deliveries           times a worker received the job (redeliveries included);
+                                         a run's number here fences it (newest delivery wins)
     unmask:job:<id>:runs                 times the job was handed to an Engine
     unmask:job:<id>:completions          runs that reached the end (exactly-once proof: == 1)
     unmask:workers:<model>:<hostname>    worker heartbeat, with a TTL

@@ -15,7 +15,13 @@ A task is thin: unpack the request → (finished already? cancelled or expired w
 store without running) → submit to the Engine → relay its events to the job's Redis Stream →
 store the result. Exactly once: the result is written with SET NX inside one Lua script that
 also appends the final event, so a redelivered job that already finished neither runs again nor
-stores a second result; `completions` counts the runs that reached the end.
+stores a second result; `completions` counts the runs that reached the end. Newest delivery
+wins: a run's number in the `deliveries` counter is its fencing token, and a run overtaken by a
+newer delivery of its job (Celery hands a job out again when the worker's broker connection
+drops mid-run) stops, appends no more events and stores nothing (see _STORE_LUA). A run that loses
+Redis (connection refused, reset, timed out) stores nothing and goes back to the queue (Celery
+`Reject(requeue=True)`, or the visibility timeout when the broker is gone too): a network blip
+must not become a permanent "failed" result. The rerun appends to the same event stream.
 
 Celery does not enforce time limits in the threads pool, so the task does: past the soft limit
 the Engine ends the job between steps (failed, TimeLimitExceeded); a hard-limit watchdog covers
@@ -36,6 +42,7 @@ from typing import Any
 
 import redis
 from celery import Celery, signals
+from celery.exceptions import Reject
 
 from unmask.engine.engine import Engine, JobResult
 from unmask.engine.request import GenerationRequest
@@ -64,10 +71,28 @@ from unmask.workers.protocol import (
 log = logging.getLogger("unmask.workers")
 
 CANCEL_POLL_S = 0.1  # a job's cancel flag is read from Redis at most this often
+# Redis unreachable (connection refused, reset or timed out): the job goes back to the queue
+# instead of failing, up to this many deliveries.
+REDIS_LOST = (redis.ConnectionError, redis.TimeoutError)
+MAX_DELIVERIES = 10
 
-# KEYS: result, completions, events, status. ARGV: result JSON, ttl, final event JSON, maxlen,
-# status. Every run that reaches the end counts itself; only the first one stores its result.
+
+class RedisLost(Exception):
+    """Redis became unreachable while a job ran: not the job's fault, run it again."""
+
+
+# Fencing: a run knows its delivery number (the `deliveries` counter it incremented). Once the
+# job is delivered again while the run is still going (the worker lost its broker connection,
+# so Celery handed the job out again), the older run is superseded: it may no longer append
+# events or store anything, and it is not counted. Newest delivery wins.
+#
+# KEYS: result, completions, events, status, deliveries. ARGV: result JSON, ttl, final event
+# JSON, maxlen, status, delivery. Returns -1 (superseded), 1 (stored) or 0 (a result was stored
+# already). Every run that reaches the end unsuperseded counts itself; the first one stores.
 _STORE_LUA = """
+if tonumber(redis.call('GET', KEYS[5]) or '0') > tonumber(ARGV[6]) then
+  return -1
+end
 redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
@@ -77,6 +102,16 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   return 1
 end
 return 0
+"""
+
+# KEYS: events, deliveries. ARGV: event JSON, maxlen, ttl, delivery. 0: superseded, not added.
+_EVENT_LUA = """
+if tonumber(redis.call('GET', KEYS[2]) or '0') > tonumber(ARGV[4]) then
+  return 0
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 
 
@@ -94,6 +129,7 @@ class _WorkerState:
         self.redis: redis.Redis | None = None
         self.redis_pid = 0
         self.store_script: Any = None
+        self.event_script: Any = None
         self.heartbeat_stop: threading.Event | None = None
         self.heartbeat_thread: threading.Thread | None = None
         self.started_at = time.time()
@@ -132,6 +168,7 @@ def _redis() -> redis.Redis:
                 _settings().broker_url, socket_connect_timeout=2.0, socket_timeout=10.0
             )
             _state.store_script = _state.redis.register_script(_STORE_LUA)
+            _state.event_script = _state.redis.register_script(_EVENT_LUA)
             _state.redis_pid = os.getpid()
         return _state.redis
 
@@ -245,14 +282,18 @@ def _start_heartbeat() -> None:
 
 # ---- the task -------------------------------------------------------------------------------
 class _CancelCheck:
-    """`should_cancel` for the Engine: the job's Redis flag (read at most every 100 ms) or the
-    soft time limit. Runs on the Engine's thread between steps."""
+    """`should_cancel` for the Engine: the job's Redis flag, or a newer delivery of the job
+    (read at most every 100 ms), or the soft time limit. Runs on the Engine's thread between
+    steps."""
 
-    def __init__(self, r: redis.Redis, job_id: str, soft_deadline: float) -> None:
+    def __init__(self, r: redis.Redis, job_id: str, soft_deadline: float, delivery: int) -> None:
         self.r = r
         self.key = cancel_key(job_id)
+        self.deliveries = deliveries_key(job_id)
+        self.delivery = delivery
         self.soft_deadline = soft_deadline
         self.cancelled = False
+        self.superseded = False
         self.timed_out = False
         self._last = 0.0
 
@@ -261,54 +302,86 @@ class _CancelCheck:
         if now > self.soft_deadline:
             self.timed_out = True
             return True
-        if not self.cancelled and now - self._last >= CANCEL_POLL_S:
+        if not (self.cancelled or self.superseded) and now - self._last >= CANCEL_POLL_S:
             self._last = now
             try:
-                self.cancelled = bool(self.r.exists(self.key))
+                pipe = self.r.pipeline(transaction=False)
+                pipe.exists(self.key)
+                pipe.get(self.deliveries)
+                cancelled, deliveries = pipe.execute()
+                self.cancelled = bool(cancelled)
+                self.superseded = int(deliveries or 0) > self.delivery
             except redis.RedisError:  # Redis hiccup: keep running, look again later
                 pass
-        return self.cancelled
+        return self.cancelled or self.superseded
 
 
 def _generate_task(task: Any, request: dict[str, Any]) -> dict[str, Any]:
-    return run_job(task.request.id, request)
+    try:
+        return run_job(task.request.id, request)
+    except RedisLost as exc:
+        # Back to the head of the queue now; if the broker is unreachable too, the message stays
+        # unacknowledged and Redis restores it after the visibility timeout. Either way the job
+        # runs again and stores its result once.
+        raise Reject(str(exc), requeue=True) from exc
 
 
 def run_job(job_id: str, request: dict[str, Any]) -> dict[str, Any]:
-    """Run one job (idempotently) and store its result; returns a small summary dict."""
-    r = _redis()
-    pipe = r.pipeline(transaction=False)
-    pipe.incr(deliveries_key(job_id))
-    pipe.expire(deliveries_key(job_id), _settings().result_ttl_s)
-    pipe.get(result_key(job_id))
-    existing = pipe.execute()[-1]
+    """Run one job (idempotently) and store its result; returns a small summary dict.
+
+    Raises RedisLost when Redis became unreachable: the job is not at fault, so no failure is
+    stored for it (that would turn a network blip into a permanent result); it runs again."""
+    try:
+        r = _redis()
+        pipe = r.pipeline(transaction=False)
+        pipe.incr(deliveries_key(job_id))
+        pipe.expire(deliveries_key(job_id), _settings().result_ttl_s)
+        pipe.get(result_key(job_id))
+        delivery, _, existing = pipe.execute()
+    except REDIS_LOST as exc:
+        raise RedisLost(f"job {job_id}: Redis unreachable before the run ({exc})") from exc
     if existing is not None:  # a redelivery or resubmission of a finished job
         status = json.loads(existing).get("status")
         log.info("job %s already finished (%s): not run again", job_id, status)
         return _summary(job_id, status, stored=False)
+    model = str(request.get("model", "")) if isinstance(request, dict) else ""
+    delivery = int(delivery)
     try:
-        return _run(r, job_id, request)
-    except Exception as exc:  # a bug or a Redis failure must still end the job visibly
+        return _run(r, job_id, request, delivery)
+    except REDIS_LOST as exc:
+        if delivery < MAX_DELIVERIES:
+            log.warning("job %s: lost Redis mid-run (%s); it goes back to the queue", job_id, exc)
+            raise RedisLost(f"job {job_id}: Redis unreachable mid-run ({exc})") from exc
+        log.error("job %s: lost Redis in %d deliveries; giving up", job_id, delivery)
+        return _store_or_requeue(r, job_id, model, exc, delivery)
+    except Exception as exc:  # a bug must still end the job visibly
         log.exception("job %s failed in the worker", job_id)
-        return _store(
-            r, job_id, FAILED, model=str(request.get("model", "")), error=_error_dict(exc)
-        )
+        return _store_or_requeue(r, job_id, model, exc, delivery)
 
 
-def _run(r: redis.Redis, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
+def _store_or_requeue(
+    r: redis.Redis, job_id: str, model: str, exc: Exception, delivery: int
+) -> dict[str, Any]:
+    try:
+        return _store(r, job_id, FAILED, delivery, model=model, error=_error_dict(exc))
+    except REDIS_LOST as lost:
+        raise RedisLost(f"job {job_id}: Redis unreachable storing its failure ({lost})") from lost
+
+
+def _run(r: redis.Redis, job_id: str, request: dict[str, Any], delivery: int) -> dict[str, Any]:
     s = _settings()
     model = str(request.get("model", "")) if isinstance(request, dict) else ""
     try:
         req = GenerationRequest.from_dict(request)
     except UnmaskError as exc:
-        return _store(r, job_id, FAILED, model=model, error=_error_dict(exc))
+        return _store(r, job_id, FAILED, delivery, model=model, error=_error_dict(exc))
     if req.job_id != job_id:  # the Celery task id is the job id
         req = dataclasses.replace(req, job_id=job_id)
     if r.exists(cancel_key(job_id)):
-        return _store(r, job_id, CANCELLED, model=req.model, error={
+        return _store(r, job_id, CANCELLED, delivery, model=req.model, error={
             "type": "Cancelled", "field": None, "message": "job cancelled while queued"})  # fmt: skip
     if req.deadline is not None and time.time() > req.deadline:
-        return _store(r, job_id, DEADLINE, model=req.model, error={
+        return _store(r, job_id, DEADLINE, delivery, model=req.model, error={
             "type": "DeadlineExceeded", "field": None,
             "message": "the job's deadline passed while it was queued"})  # fmt: skip
 
@@ -319,32 +392,37 @@ def _run(r: redis.Redis, job_id: str, request: dict[str, Any]) -> dict[str, Any]
     pipe.expire(runs_key(job_id), ttl)
     pipe.execute()
 
-    check = _CancelCheck(r, job_id, time.monotonic() + s.task_soft_time_limit_s)
+    check = _CancelCheck(r, job_id, time.monotonic() + s.task_soft_time_limit_s, delivery)
     handle = get_engine().submit(req, should_cancel=check)
-    stream = events_key(job_id)
-    first = True
+    keys = [events_key(job_id), deliveries_key(job_id)]
     try:
         for event in handle.events(timeout=s.task_time_limit_s):
             if event.get("type") == "final":
                 break  # the stored result (below) becomes the final event
-            pipe = r.pipeline(transaction=False)
-            pipe.xadd(stream, encode_event(event), maxlen=s.stream_maxlen, approximate=True)
-            if first:
-                pipe.expire(stream, ttl)
-                first = False
-            pipe.execute()
+            data = encode_event(event)["data"]
+            assert _state.event_script is not None
+            if not _state.event_script(keys=keys, args=[data, s.stream_maxlen, ttl, delivery]):
+                handle.cancel()
+                return _superseded(job_id)
     except queue.Empty:  # no event for a whole hard limit: the Engine is stuck, give up
         handle.cancel()
-        return _store(r, job_id, FAILED, model=req.model, error=_time_limit_error(hard=True))
+        return _store(r, job_id, FAILED, delivery, model=req.model,
+                      error=_time_limit_error(hard=True))  # fmt: skip
     except BaseException:  # e.g. Redis went away: stop the Engine's work on it too
         handle.cancel()
         raise
     result = handle.result(timeout=s.task_time_limit_s)
+    if check.superseded:
+        return _superseded(job_id)
     if result.status == CANCELLED and check.timed_out and not check.cancelled:
-        return _store(
-            r, job_id, FAILED, model=req.model, usage=result.usage, error=_time_limit_error()
-        )
-    return _store_result(r, req, result)
+        return _store(r, job_id, FAILED, delivery, model=req.model, usage=result.usage,
+                      error=_time_limit_error())  # fmt: skip
+    return _store_result(r, req, result, delivery)
+
+
+def _superseded(job_id: str) -> dict[str, Any]:
+    log.warning("job %s: delivered again while this run went on; this run stops", job_id)
+    return _summary(job_id, None, stored=False)
 
 
 def _time_limit_error(hard: bool = False) -> dict[str, Any]:
@@ -358,11 +436,14 @@ def _time_limit_error(hard: bool = False) -> dict[str, Any]:
     }
 
 
-def _store_result(r: redis.Redis, req: GenerationRequest, result: JobResult) -> dict[str, Any]:
+def _store_result(
+    r: redis.Redis, req: GenerationRequest, result: JobResult, delivery: int
+) -> dict[str, Any]:
     return _store(
         r,
         req.job_id,
         result.status,
+        delivery,
         model=req.model,
         text=result.output_text,
         midi=result.output_midi,
@@ -375,6 +456,7 @@ def _store(
     r: redis.Redis,
     job_id: str,
     status: str,
+    delivery: int,
     *,
     model: str = "",
     text: str = "",
@@ -382,7 +464,8 @@ def _store(
     usage: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write payloads by reference, then (atomically) the result + final event, first run wins."""
+    """Write payloads by reference, then (atomically) the result + final event: first run wins,
+    unless a newer delivery of the job superseded this run (then nothing is stored)."""
     s = _settings()
     ttl = s.result_ttl_s
     attempt = uuid.uuid4().hex[:12]  # blobs of a losing duplicate run never overwrite the winner's
@@ -419,15 +502,19 @@ def _store(
     payload = json.dumps(doc, separators=(",", ":"))
     final = json.dumps({"type": "final", **doc}, separators=(",", ":"))
     assert _state.store_script is not None
-    stored = bool(
+    outcome = int(
         _state.store_script(
             keys=[result_key(job_id), completions_key(job_id), events_key(job_id),
-                  status_key(job_id)],
-            args=[payload, ttl, final, s.stream_maxlen, status],
+                  status_key(job_id), deliveries_key(job_id)],
+            args=[payload, ttl, final, s.stream_maxlen, status, delivery],
         )
     )  # fmt: skip
+    stored = outcome == 1
     if not stored:
-        log.warning("job %s: a result was stored already; this run's result is dropped", job_id)
+        if outcome < 0:
+            log.warning("job %s: delivered again while this run went on; result dropped", job_id)
+        else:
+            log.warning("job %s: a result was stored already; this run's result is dropped", job_id)
         if blobs:
             r.delete(*(k for k, _ in blobs))
     return _summary(job_id, status, stored=stored)
