@@ -26,4 +26,4 @@ test: setup install lint
 
 .PHONY: bench
 bench: setup install
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py --quick

@@ -48,13 +48,14 @@ def fmt(v, spec=".2f") -> str:
 
 
 def sampler_tables(r: dict) -> str:
+    bn = f"tok/s b{r['batch']}"
     out = []
     for m in ("text", "code", "midi"):
         if m not in next(iter(r["variants"].values())):
             continue
         extra = {"code": ["parse_rate"], "midi": ["valid_rate", "type_error_rate",
                                                   "pitch_class_overlap", "duration_overlap"]}.get(m, [])  # fmt: skip
-        head = ["variant", "tok/s b1", "× AR", "tok/s b16", "first block s", "latency s", "NFE",
+        head = ["variant", "tok/s b1", "× AR", bn, "first block s", "latency s", "NFE",
                 "tok/fwd", "judge NLL", "entropy"] + extra  # fmt: skip
         out.append(f"\n#### {m}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
         for name, rows in r["variants"].items():
@@ -112,7 +113,7 @@ compare rows with each other, not with other machines.
 
 Length {sampler["length"]} tokens, {sampler["prompts_per_modality"]} held-out prompts per modality,
 batch 1 (one job at a time) and batch {sampler["batch"]} (jobs submitted together to one Engine;
-AR jobs run one after another — there is no batched AR decoding). Judge: `{sampler["models"]["judge"]}`.
+AR jobs run one after another — there is no batched AR decoding). Judge: `{Path(sampler["models"]["judge"]).name}`.
 Best diffusion speed-up over AR at batch 1: {", ".join(f"{m}: {v:.2f}× ({k})" for m, (k, v) in best.items())}.
 {sampler_tables(sampler)}
 
