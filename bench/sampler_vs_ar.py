@@ -83,10 +83,7 @@ class Timer:
 
 def quality(modality: str, gen: Generator, judge: Generator, head: list[int], prompt: list[int],
             out: Any, ref: dict) -> dict[str, Any]:  # fmt: skip
-    new = [i for i in out.generated_ids if i >= 16]
-    if gen.vocab.eos_id in out.generated_ids:
-        cut = out.generated_ids.index(gen.vocab.eos_id)
-        new = [i for i in out.generated_ids[:cut] if i >= 16]
+    new = gen.vocab.strip_specials(out.generated_ids)  # content only, up to the first EOS
     q: dict[str, Any] = {"nll": judge_nll(judge, head, new), "entropy": unigram_entropy(new)}
     if modality == "code":
         text = gen.vocab.decode(prompt + new, "code") if new else ""

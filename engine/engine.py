@@ -33,6 +33,7 @@ from unmask.models.sampler import (
     run_batch,
     split_outputs,
 )
+from unmask.tokenizers.specials import NUM_SPECIAL
 
 log = logging.getLogger("unmask.engine")
 
@@ -276,7 +277,7 @@ class Engine:
     def _emit_block(self, a: _Active, index: int, positions: torch.Tensor) -> None:
         state = a.state
         assert state is not None
-        ids = [i for i in state.ids[positions].tolist() if i >= 16]
+        ids = [i for i in state.ids[positions].tolist() if i >= NUM_SPECIAL]
         vocab = self.generator.vocab
         if a.job.modality == "midi":
             text = " ".join(vocab.token_str(i) for i in ids)

@@ -28,7 +28,7 @@ from unmask.models.sampler import (
     generate_ar,
 )
 from unmask.models.sampler_params import ARParams, SamplerParams
-from unmask.tokenizers.specials import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID
+from unmask.tokenizers.specials import BOS_ID, NUM_SPECIAL
 from unmask.tokenizers.vocab import UnifiedVocab, check_modality
 
 MASK_MARKER = re.compile(r"\[MASK:(\d+)\]")
@@ -208,7 +208,7 @@ class Generator:
         head = self.header(modality) + kept
 
         def decode(result: SampleResult) -> str | bytes:
-            new = _content(result.generated_ids)
+            new = self.vocab.strip_specials(result.generated_ids)
             if modality == "midi":  # continue the whole piece, not only the window the model saw
                 return self._decode_midi(prompt_ids + new)
             return text_prefix + (self.vocab.decode(new, modality) if new else "")
@@ -236,7 +236,7 @@ class Generator:
             out, pos = [], 2  # decode gap by gap: the fixed text is returned exactly as given
             for p in parts:
                 if isinstance(p, int):
-                    gap = _content(ids[pos : pos + p])
+                    gap = self.vocab.strip_specials(ids[pos : pos + p])
                     out.append(self.vocab.decode(gap, modality) if gap else "")
                     pos += p
                 else:
@@ -384,19 +384,6 @@ class Generator:
                 "the generated MIDI tokens hold no playable notes; try another seed or more steps",
                 field="output",
             ) from None
-
-
-def _content(ids: list[int]) -> list[int]:
-    """Generated ids without specials; stops at the first EOS."""
-    out = []
-    for i in ids:
-        if i == EOS_ID:
-            break
-        if i >= NUM_SPECIAL:
-            out.append(i)
-        elif i != PAD_ID:
-            continue
-    return out
 
 
 def ar_params(p: SamplerParams) -> ARParams:

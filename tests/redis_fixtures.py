@@ -38,11 +38,18 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, every
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    """A private redis-server on a free port; persistence off unless `persistence` says otherwise.
+    `start()` again after a kill restarts it on the same port and data directory."""
+
+    def __init__(
+        self, directory: Path, persistence: tuple[str, ...] = ("--appendonly", "no")
+    ) -> None:
         self.port = free_port()
         self.directory = directory
+        self.persistence = persistence
         self.log = directory / "redis.log"
         self.proc: subprocess.Popen | None = None
+        self.starts = 0
 
     @property
     def url(self) -> str:
@@ -53,20 +60,22 @@ class RedisServer:
         if binary is None:
             pytest.skip("redis-server is not installed")
         cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", str(self.directory)]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+               *self.persistence, "--dir", str(self.directory)]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        self.starts += 1
         import redis
 
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
 
         def up() -> bool:
             try:
+                # a restarted server answers LOADING until it has replayed its append-only file
                 return bool(client.ping())
             except redis.RedisError:
                 assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
                 return False
 
-        wait_until(up, 10, "redis-server to answer PING")
+        wait_until(up, 20, "redis-server to answer PING")
         client.close()
         return self
 

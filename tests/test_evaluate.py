@@ -10,7 +10,6 @@ import math
 import mido
 import numpy as np
 import pytest
-import torch
 
 from unmask.corpus.shards import write_docs
 from unmask.errors import InvalidArgument
@@ -45,12 +44,7 @@ SNIPPETS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run best on one thread
 
 
 def make_midi(pitches: list[int], durations: list[int], tpq: int = 480) -> bytes:

@@ -3,63 +3,35 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from unmask.errors import InvalidArgument, MidiError
-from unmask.models import checkpoint
 from unmask.models.generation import Generator, fit_params, midi_bar_spans, parse_template
-from unmask.models.network import Denoiser, ModelConfig
 from unmask.models.sampler_params import SamplerParams
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _tiny(vocab, causal: bool) -> Denoiser:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=vocab.size, d_model=32, n_layers=1, n_heads=2, max_seq_len=256,
-        causal=causal, mask_id=vocab.mask_id,
-    )  # fmt: skip
-    return Denoiser(cfg)
-
-
-@pytest.fixture(scope="module")
-def diffusion_dir(tmp_path_factory, vocab):
-    return checkpoint.save(tmp_path_factory.mktemp("diff"), _tiny(vocab, False), vocab)
-
-
-@pytest.fixture(scope="module")
-def ar_dir(tmp_path_factory, vocab):
-    return checkpoint.save(tmp_path_factory.mktemp("ar"), _tiny(vocab, True), vocab)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run best on one thread
 
 
 def params(n: int = 16, **kw) -> SamplerParams:
     return SamplerParams(gen_length=n, steps=max(n // 2, 1), **kw)
 
 
-def test_text_generation_returns_prompt_plus_text_and_usage(diffusion_dir):
-    gen = Generator.load(diffusion_dir).generate("text", "Once upon", params(16))
+def test_text_generation_returns_prompt_plus_text_and_usage(tiny_model_dir):
+    gen = Generator.load(tiny_model_dir).generate("text", "Once upon", params(16))
     assert isinstance(gen.output, str) and gen.output.startswith("Once upon")
     usage = gen.usage()
     assert usage["nfe"] >= 1 and usage["prompt_tokens"] > 2
     assert 0 < usage["generated_tokens"] <= 16
 
 
-def test_same_seed_gives_the_same_text(diffusion_dir):
-    g = Generator.load(diffusion_dir)
+def test_same_seed_gives_the_same_text(tiny_model_dir):
+    g = Generator.load(tiny_model_dir)
     p = params(16, temperature=1.0, seed=7)
     assert g.generate("code", "def f(", p).output == g.generate("code", "def f(", p).output
 
 
-def test_infill_keeps_fixed_text_byte_identical(diffusion_dir):
+def test_infill_keeps_fixed_text_byte_identical(tiny_model_dir):
     template = "def add(a, b):\r\n    [MASK:6]\n\treturn 😀 [MASK:3] end  "
-    gen = Generator.load(diffusion_dir).infill("code", template, params(8))
+    gen = Generator.load(tiny_model_dir).infill("code", template, params(8))
     out = gen.output
     assert out.startswith("def add(a, b):\r\n    ")
     assert out.endswith(" end  ")
@@ -77,26 +49,26 @@ def test_fit_params_rescales_to_the_canvas():
     assert p.gen_length == 10 and p.steps == 5 and p.block_length is None
 
 
-def test_too_long_generation_names_the_field(diffusion_dir):
+def test_too_long_generation_names_the_field(tiny_model_dir):
     with pytest.raises(InvalidArgument) as err:
-        Generator.load(diffusion_dir).generate("text", "x", params(255))
+        Generator.load(tiny_model_dir).generate("text", "x", params(255))
     assert err.value.field == "gen_length"
 
 
-def test_ar_baseline_generates_through_the_same_call(ar_dir):
-    g = Generator.load(ar_dir)
+def test_ar_baseline_generates_through_the_same_call(tiny_ar_dir):
+    g = Generator.load(tiny_ar_dir)
     assert g.is_ar
     gen = g.generate("text", "Hello", params(12))
     assert gen.output.startswith("Hello") and gen.nfe >= 1
 
 
-def test_ar_baseline_cannot_infill(ar_dir):
+def test_ar_baseline_cannot_infill(tiny_ar_dir):
     with pytest.raises(InvalidArgument, match="cannot fill"):
-        Generator.load(ar_dir).infill("text", "a [MASK:3] b", params(3))
+        Generator.load(tiny_ar_dir).infill("text", "a [MASK:3] b", params(3))
 
 
-def test_midi_generation_gives_a_file_or_a_typed_error(diffusion_dir):
-    g = Generator.load(diffusion_dir)
+def test_midi_generation_gives_a_file_or_a_typed_error(tiny_model_dir):
+    g = Generator.load(tiny_model_dir)
     for seed in range(3):
         try:
             out = g.generate("midi", None, params(32, temperature=1.0, seed=seed)).output
@@ -115,8 +87,8 @@ def test_midi_bar_spans_skip_structural_tokens(vocab, chorale_midi):
     assert structural[ids[a - 1]]  # the bar line (or its time signature) stays visible
 
 
-def test_midi_bar_infill_keeps_the_tracks_and_other_bars(diffusion_dir, vocab, chorale_midi):
-    g = Generator.load(diffusion_dir)
+def test_midi_bar_infill_keeps_the_tracks_and_other_bars(tiny_model_dir, vocab, chorale_midi):
+    g = Generator.load(tiny_model_dir)
     try:
         gen = g.infill_midi(chorale_midi, bars=[2], tracks=[1], params=params(16))
     except MidiError:

@@ -21,13 +21,7 @@ from unmask.models.objective import (
 V, MASK = 20, 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread beats two (no OpenMP hand-offs on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run best on one thread
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -16,16 +16,14 @@ Short limits (soft 6 s, hard 8 s, visibility 10 s) make redelivery after a crash
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
-from redis_fixtures import WorkerProcess, free_port, wait_until
+from redis_fixtures import RedisServer, WorkerProcess, wait_until
 from tcp_proxy import TcpProxy
 
 from unmask.client import Client, ServiceError
@@ -63,52 +61,16 @@ def _slow_only_with_m_slow(request):
 
 
 # ---- infrastructure -------------------------------------------------------------------------
-class PersistentRedis:
+class PersistentRedis(RedisServer):
     """redis-server with the append-only file on (fsync on every write by default), restartable
     on the same port with the same data directory."""
 
     def __init__(self, directory: Path, fsync: str = "always") -> None:
-        self.directory = directory
-        self.fsync = fsync
-        self.port = free_port()
-        self.log = directory / "redis.log"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> PersistentRedis:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "yes", "--appendfsync", self.fsync,
-               "--maxmemory-policy", "noeviction", "--dir", str(self.directory)]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        self.starts += 1
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-
-        def up() -> bool:
-            try:
-                # a restarted server answers LOADING until it has replayed the AOF
-                return bool(client.ping())
-            except redis.RedisError:
-                assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
-                return False
-
-        wait_until(up, 20, "redis-server to answer PING")
-        client.close()
-        return self
+        super().__init__(directory, ("--appendonly", "yes", "--appendfsync", fsync,
+                                     "--maxmemory-policy", "noeviction"))  # fmt: skip
 
     def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        self.kill9()
+        self.stop()  # SIGKILL: no graceful save, only the append-only file survives
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ SPECIAL = SpecialIds(pad=PAD, mask=MASK, bos=BOS, eos=EOS, tags=TAGS)
 V = 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread beats two (no OpenMP hand-offs on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run best on one thread
 
 
 class FakeVocab:
