@@ -25,6 +25,7 @@ import torch
 
 from unmask.engine.request import GenerationRequest
 from unmask.errors import UnmaskError
+from unmask.models.block_sampler import new_state
 from unmask.models.generation import Generation, Generator, Prepared
 from unmask.models.sampler import (
     SamplerState,
@@ -208,8 +209,12 @@ class Engine:
             job = self.generator.prepare(handle.request)
             state = None
             if job.canvas is not None:
-                state = SamplerState(
-                    job.canvas, job.params, self.generator.sampler_vocab, device=self._device
+                state = new_state(
+                    self.generator.model,
+                    job.canvas,
+                    job.params,
+                    self.generator.sampler_vocab,
+                    device=self._device,
                 )
         except UnmaskError as exc:
             handle._resolve(JobResult(handle.job_id, FAILED, error=_error(exc)))

@@ -12,46 +12,41 @@ import sys
 from pathlib import Path
 
 from unmask.errors import InvalidArgument
-from unmask.models.sampler_params import SamplerParams
+from unmask.models.sampler_params import MODEL_DEFAULTABLE, SamplerParams
 
 
 def add_sampler_args(p: argparse.ArgumentParser, gen_length: int = 128) -> None:
-    g = p.add_argument_group("sampler")
+    """Sampler flags; a knob left out is chosen by the model (its config's sampler_defaults)."""
+    g = p.add_argument_group("sampler (unset knobs: the model's defaults for the modality)")
     g.add_argument("--length", type=int, default=gen_length, help="tokens to generate")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default length/4)")
-    g.add_argument("--block-length", type=int, default=32, help="semi-AR block; 0 = full canvas")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps")
+    g.add_argument("--block-length", type=int, default=None, help="semi-AR block; 0 = full canvas")
     g.add_argument("--threshold", type=float, default=None, help="confidence threshold")
-    g.add_argument("--position-score", default="probability", help="probability|margin|entropy")
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--remask-budget", type=int, default=0)
-    g.add_argument("--remask-threshold", type=float, default=0.1)
-    g.add_argument("--cache", default="prefix", help="none | prefix | dual")
+    g.add_argument("--position-score", default=None, help="probability|margin|entropy")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--remask-budget", type=int, default=None)
+    g.add_argument("--remask-threshold", type=float, default=None)
+    g.add_argument("--cache", default=None, help="none | prefix | dual")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-grammar", action="store_true", help="no MIDI grammar mask")
 
 
+_FLAGS = {"use_cache": "cache"}  # SamplerParams field -> argparse dest, where they differ
+
+
 def params_from_args(args: argparse.Namespace) -> SamplerParams:
-    length = args.length
-    block = args.block_length if args.block_length and args.block_length < length else None
-    steps = (
-        args.steps if args.steps is not None else max(length // 4, -(-length // (block or length)))
-    )
+    values = {name: getattr(args, _FLAGS.get(name, name), None) for name in MODEL_DEFAULTABLE}
+    given = {k: v for k, v in values.items() if v is not None}
+    if given.get("block_length") == 0:
+        given["block_length"] = None
     return SamplerParams(
-        gen_length=length,
-        steps=steps,
-        block_length=block,
-        threshold=args.threshold,
-        position_score=args.position_score,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        remask_budget=args.remask_budget,
-        remask_threshold=args.remask_threshold,
-        use_cache=args.cache,
+        gen_length=args.length,
         seed=args.seed,
         grammar=not args.no_grammar,
+        unset=tuple(k for k in MODEL_DEFAULTABLE if k not in given),
+        **given,
     )
 
 

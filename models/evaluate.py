@@ -53,9 +53,10 @@ import torch
 from unmask.corpus.shards import MODALITIES, DocArray, load_split
 from unmask.errors import InvalidArgument, MidiError, TokenizerError, VocabMismatch
 from unmask.models import music_metrics as mm
+from unmask.models import quality as q
 from unmask.models.data import PREFIX_LEN, SpecialIds, eval_batches
-from unmask.models.generation import Generation, Generator, default_model_dir
-from unmask.models.sampler_params import CACHE_MODES, SamplerParams
+from unmask.models.generation import Generation, Generator, default_model_dir, fit_params
+from unmask.models.sampler_params import CACHE_MODES, MODEL_DEFAULTABLE, SamplerParams
 from unmask.models.train import TrainConfig, evaluate, resolve_device
 
 SPLITS = ("val", "test")
@@ -78,13 +79,18 @@ class EvalConfig:
     n_samples: int = 8  # generations per modality
     prompt_tokens: int = 16  # content ids of a held-out document used as the prompt
     gen_length: int = 128  # tokens to generate
-    steps: int = 64  # denoising steps (diffusion)
-    block_length: int | None = None  # semi-autoregressive block size (None = one block)
-    threshold: float | None = None  # confidence-threshold parallel decoding (None = fixed)
-    temperature: float = 0.0  # 0 = greedy
-    use_cache: str = "none"  # "none" | "prefix" | "dual"
+    # decoding knobs: None = the model's own default for the modality (its sampler_defaults)
+    steps: int | None = None  # denoising steps (diffusion)
+    block_length: int | None = None  # semi-autoregressive block size (0 = one block)
+    threshold: float | None = None  # confidence-threshold parallel decoding
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None  # nucleus sampling
+    use_cache: str | None = None  # "none" | "prefix" | "dual"
     seed: int = 0  # generation i uses seed + i; the NELBO noise is seeded from it too
     midi_reference_docs: int = 30  # held-out MIDI documents pooled for the histograms
+    function_headers: int = 30  # code: held-out `def` headers to complete (0 = skip)
+    function_gen_length: int = 96  # tokens generated after each header
+    midi_reference: str = "bach"  # "bach" (the chorales of music21's corpus) | "split"
     # machine
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N" | "auto"
     num_threads: int = 0  # torch CPU threads while evaluating (0 = leave as is)
@@ -104,6 +110,7 @@ class EvalConfig:
                 )
         minimum = {"batches": 1, "batch_size": 1, "t_samples": 1, "n_samples": 0}
         minimum |= {"prompt_tokens": 0, "midi_reference_docs": 0, "num_threads": 0, "seed": 0}
+        minimum |= {"function_headers": 0, "function_gen_length": 1}
         for name, lo in minimum.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
@@ -114,14 +121,20 @@ class EvalConfig:
 
     def sampler_params(self, index: int) -> SamplerParams:
         """Decoding parameters of generation `index` (seed + index)."""
+        knobs = {
+            "steps": self.steps,
+            "block_length": self.block_length,
+            "threshold": self.threshold,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "use_cache": self.use_cache,
+        }
+        given = {k: v for k, v in knobs.items() if v is not None}
+        if given.get("block_length") == 0:
+            given["block_length"] = None
+        unset = tuple(k for k in MODEL_DEFAULTABLE if k not in given)
         return SamplerParams(
-            gen_length=self.gen_length,
-            steps=self.steps,
-            block_length=self.block_length,
-            threshold=self.threshold,
-            temperature=self.temperature,
-            use_cache=self.use_cache,
-            seed=self.seed + index,
+            gen_length=self.gen_length, seed=self.seed + index, unset=unset, **given
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,8 +250,13 @@ def _likelihood(
     gen: Generator, docs: dict[str, DocArray], cfg: EvalConfig, seq_len: int, device
 ) -> dict[str, float]:
     """Nats per document token per modality, via training's own `evaluate` (same batches)."""
+    config = gen.model.config
+    objective = {"causal": "ar", "block_causal": "block_diffusion"}.get(
+        config.attention, "diffusion"
+    )
     train_cfg = TrainConfig(
-        objective="ar" if gen.is_ar else "diffusion",
+        objective=objective,
+        block_size=config.block_size,
         seq_len=seq_len,
         batch_size=cfg.batch_size,
         eval_batches=cfg.batches,
@@ -292,6 +310,68 @@ def _reference_notes(docs: DocArray, vocab: Any, limit: int) -> tuple[list[mm.No
         except (MidiError, TokenizerError):
             continue
     return notes, used
+
+
+def _bach_reference(limit: int) -> tuple[list[mm.Note], int]:
+    """Notes of the first `limit` Bach chorales of music21's corpus (installed data, sorted)."""
+    try:
+        import music21
+
+        from unmask.corpus.sources import chorale_to_midi
+    except ImportError:
+        return [], 0
+    root = Path(music21.__file__).parent / "corpus" / "bach"
+    notes: list[mm.Note] = []
+    used = 0
+    for path in sorted(root.glob("bwv*.mxl")):
+        if used >= limit:
+            break
+        data = chorale_to_midi(path)
+        if data:
+            notes += mm.read_notes(data)
+            used += 1
+    return notes, used
+
+
+def held_out_headers(docs: DocArray, vocab: Any, n: int) -> list[str]:
+    """n function headers spread over the held-out code documents (one per document first)."""
+    per_doc: list[list[str]] = []
+    for j in range(len(docs)):
+        try:
+            per_doc.append(q.function_headers(vocab.decode([int(i) for i in docs[j]], "code")))
+        except TokenizerError:
+            continue
+    per_doc = [h for h in per_doc if h]
+    out: list[str] = []
+    depth = 0
+    while len(out) < n and any(len(h) > depth for h in per_doc):
+        out += [h[depth] for h in per_doc if len(h) > depth]
+        depth += 1
+    return _spread(out, n)
+
+
+def _spread(items: list, n: int) -> list:
+    if len(items) <= n:
+        return items
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
+def _function_completions(
+    gen: Generator, headers: list[str], cfg: EvalConfig, log: Callable[[str], None], label: str
+) -> dict[str, Any]:
+    """Complete each header; the share that forms a parsing function with a real body."""
+    ok = []
+    examples = []
+    for i, header in enumerate(headers):
+        length = min(cfg.function_gen_length, gen.max_len // 2)  # room for the header
+        params = fit_params(cfg.sampler_params(i), length)
+        g = gen.generate("code", header, params)
+        completion = g.output[len(header) :] if g.output.startswith(header) else g.output
+        ok.append(q.function_with_body(header, completion))
+        if i < 3:
+            examples.append(header + completion)
+    log(f"  {label} code: {sum(ok)}/{len(ok)} function headers completed with a body")
+    return {"n": len(ok), "function_body_rate": q.share(ok), "examples": examples}
 
 
 def _prompt_notes(vocab: Any, prompt: list[int]) -> Counter:
@@ -350,6 +430,15 @@ def _samples(
             kept = parsing_prefix(full, last_line_complete=g.finish_reason == "eos")
             ok_trim += bool(full[len(head) : kept].strip())
             shares.append(max(0, kept - len(head)) / max(1, len(full) - len(head)))
+        if modality == "text" and runs:
+            generated_texts = [vocab.decode(c, "text") if c else "" for _, _, c in runs]
+            out["dictionary_word_share"] = q.mean(
+                q.dictionary_word_share(t) for t in generated_texts
+            )
+            out["repeated_3gram_share"] = q.mean(q.repeated_ngram_share(t) for t in generated_texts)
+            out["degenerate_samples"] = sum(q.is_degenerate(t) for t in generated_texts)
+            if q.dictionary() is None:
+                out["dictionary_word_share_note"] = "no word list: apt-get install wamerican"
         if modality == "code" and runs:
             out["parse_rate"] = ok / len(runs)
             out["parse_rate_trimmed"] = ok_trim / len(runs)
@@ -358,6 +447,7 @@ def _samples(
     elif modality == "midi":
         valid = new = errors = 0
         pooled: list[mm.Note] = []
+        entropies: list[float] = []
         for prompt, g, content in runs:
             data = g.output if isinstance(g.output, bytes) else b""
             valid += mm.has_notes(data)
@@ -368,6 +458,8 @@ def _samples(
                 added = Counter()
             new += bool(added)
             pooled += list(added.elements())
+            if added:
+                entropies.append(q.entropy_bits(q.pitch_class_counts(n.pitch for n in added)))
         ref_notes, ref_docs = reference if reference else ([], 0)
         have = bool(pooled) and bool(ref_notes)
         out |= {
@@ -381,11 +473,20 @@ def _samples(
                 if have
                 else None
             ),
+            "pitch_class_overlap_transposed": (
+                q.best_transposed_overlap(
+                    mm.pitch_class_histogram(pooled), mm.pitch_class_histogram(ref_notes)
+                )
+                if have
+                else None
+            ),
             "duration_overlap": (
                 mm.overlap_area(mm.duration_histogram(pooled), mm.duration_histogram(ref_notes))
                 if have
                 else None
             ),
+            "pitch_class_entropy_bits": q.mean(entropies),
+            "pitch_class_entropy_min_bits": min(entropies) if entropies else None,
             "generated_notes": len(pooled),
             "reference_notes": len(ref_notes),
             "reference_docs": ref_docs,
@@ -458,12 +559,23 @@ def _evaluate_model(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, An
             row["ar_nll_per_token"], row["ar_ppl"] = ar_nats[m], _ppl(ar_nats[m])
         if cfg.n_samples:
             prompts = held_out_prompts(d, cfg.n_samples, cfg.prompt_tokens)
-            reference = (
-                _reference_notes(d, gen.vocab, cfg.midi_reference_docs) if m == "midi" else None
-            )
+            reference = None
+            if m == "midi":
+                reference = (
+                    _bach_reference(cfg.midi_reference_docs)
+                    if cfg.midi_reference == "bach"
+                    else ([], 0)
+                )
+                if not reference[0]:  # no music21: the held-out documents instead
+                    reference = _reference_notes(d, gen.vocab, cfg.midi_reference_docs)
             row["samples"] = _samples(gen, m, prompts, cfg, reference, log, "model")
             if ar_gen is not None:
                 row["ar_samples"] = _samples(ar_gen, m, prompts, cfg, reference, log, "AR")
+        if m == "code" and cfg.function_headers:
+            headers = held_out_headers(d, gen.vocab, cfg.function_headers)
+            row["functions"] = _function_completions(gen, headers, cfg, log, "model")
+            if ar_gen is not None:
+                row["ar_functions"] = _function_completions(ar_gen, headers, cfg, log, "AR")
         per_modality[m] = row
     sampling_s = time.perf_counter() - t0
 
@@ -475,9 +587,57 @@ def _evaluate_model(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, An
         "seq_len": seq_len,
         "device": str(device),
         "modalities": per_modality,
+        "gates": quality_gates(per_modality),
         "timings": {"likelihood_s": round(likelihood_s, 3), "sampling_s": round(sampling_s, 3)},
         "wall_time_s": round(time.perf_counter() - start, 3),
     }
+
+
+# ---- quality gates (the model issue's list; each reported as measured, met or not) ----------
+
+GATES = {
+    # name: (modality, where, key, comparison, threshold)
+    "nelbo_over_ar": ("*", None, None, "<=", 1.10),
+    "text_dictionary_words": ("text", "samples", "dictionary_word_share", ">=", 0.85),
+    "text_repeated_3grams": ("text", "samples", "repeated_3gram_share", "<=", 0.25),
+    "text_degenerate_samples": ("text", "samples", "degenerate_samples", "<=", 0),
+    "code_function_body_rate": ("code", "functions", "function_body_rate", ">=", 0.40),
+    "midi_pitch_class_overlap": ("midi", "samples", "pitch_class_overlap_transposed", ">=", 0.85),
+    "midi_pitch_class_entropy": ("midi", "samples", "pitch_class_entropy_min_bits", ">=", 2.5),
+    "midi_duration_overlap": ("midi", "samples", "duration_overlap", ">=", 0.8),
+    "midi_valid": ("midi", "samples", "valid_rate", ">=", 1.0),
+    "midi_grammar_errors": ("midi", "samples", "type_error_rate", "<=", 0.0),
+}
+
+
+def _meets(value: float | None, op: str, threshold: float) -> bool | None:
+    if value is None:
+        return None
+    return value <= threshold + 1e-12 if op == "<=" else value >= threshold - 1e-12
+
+
+def quality_gates(mods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every gate: the measured value, the threshold and whether it is met (None: not measured)."""
+    gates: dict[str, dict[str, Any]] = {}
+    for name, (modality, where, key, op, threshold) in GATES.items():
+        if modality == "*":
+            for m, r in mods.items():
+                nat, ar = r.get("nelbo_per_token"), r.get("ar_nll_per_token")
+                value = nat / ar if nat is not None and ar else None
+                gates[f"{name}_{m}"] = {"value": value, "op": op, "threshold": threshold,
+                                        "met": _meets(value, op, threshold)}  # fmt: skip
+            continue
+        value = ((mods.get(modality) or {}).get(where) or {}).get(key)
+        gates[name] = {"value": value, "op": op, "threshold": threshold,
+                       "met": _meets(value, op, threshold)}  # fmt: skip
+    code = mods.get("code") or {}
+    ours = (code.get("functions") or {}).get("function_body_rate")
+    ar = (code.get("ar_functions") or {}).get("function_body_rate")
+    gates["code_function_body_rate_vs_ar"] = {
+        "value": ours, "op": ">=", "threshold": ar,
+        "met": _meets(ours, ">=", ar) if ar is not None else None,
+    }  # fmt: skip
+    return gates
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -550,12 +710,19 @@ def format_report(result: dict[str, Any]) -> str:
                         f"{_f(s.get('parse_rate_trimmed'), '.2f')} "
                         f"(kept {_f(s.get('parsed_char_share'), '.2f')})"
                     )
+                elif m == "text":
+                    quality = (
+                        f"dict words {_f(s.get('dictionary_word_share'), '.2f')}, repeated "
+                        f"3-grams {_f(s.get('repeated_3gram_share'), '.2f')}, degenerate "
+                        f"{_f(s.get('degenerate_samples'))}"
+                    )
                 elif m == "midi":
                     quality = (
                         f"valid {_f(s.get('valid_rate'), '.2f')}, new notes "
                         f"{_f(s.get('new_notes_rate'), '.2f')}, type err "
                         f"{_f(s.get('type_error_rate'))}, pitch-class "
-                        f"{_f(s.get('pitch_class_overlap'), '.2f')}, duration "
+                        f"{_f(s.get('pitch_class_overlap_transposed'), '.2f')}, entropy min "
+                        f"{_f(s.get('pitch_class_entropy_min_bits'), '.2f')}, duration "
                         f"{_f(s.get('duration_overlap'), '.2f')}"
                     )
                 else:
@@ -567,6 +734,18 @@ def format_report(result: dict[str, Any]) -> str:
                     f"{(_f(lat, '.3f') + 's') if lat is not None else '-':>9}"
                     f"{_f(s.get('tokens_per_s'), '.1f'):>8}  {quality}"
                 )
+    for m, r in mods.items():
+        for label, key in (("model", "functions"), ("AR", "ar_functions")):
+            if r.get(key):
+                lines.append(
+                    f"{m:<9}{label:<7}function headers completed with a body: "
+                    f"{_f(r[key].get('function_body_rate'), '.2f')} of {r[key]['n']}"
+                )
+    if result.get("gates"):
+        lines += ["", "quality gates"]
+        for name, g in result["gates"].items():
+            met = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+            lines.append(f"  {name:<36}{_f(g['value']):>8} {g['op']} {_f(g['threshold'])}  {met}")
     return "\n".join(lines)
 
 
@@ -597,13 +776,17 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
       help=f"generations per modality ({d.n_samples}; 0 = likelihood only)")  # fmt: skip
     a("--prompt-tokens", type=int, default=d.prompt_tokens, help=f"({d.prompt_tokens})")
     a("--gen-length", type=int, default=d.gen_length, help=f"({d.gen_length})")
-    a("--steps", type=int, default=d.steps, help=f"denoising steps ({d.steps})")
-    a("--block-length", type=int, default=d.block_length, help="semi-AR block (default: none)")
+    a("--steps", type=int, default=d.steps, help="denoising steps (default: the model's)")
+    a("--block-length", type=int, default=d.block_length, help="semi-AR block (0 = one block)")
     a("--threshold", type=float, default=d.threshold, help="parallel-decoding threshold")
-    a("--temperature", type=float, default=d.temperature, help=f"({d.temperature})")
-    a("--use-cache", default=d.use_cache, choices=CACHE_MODES, help=f"({d.use_cache})")
+    a("--temperature", type=float, default=d.temperature, help="default: the model's")
+    a("--top-p", type=float, default=d.top_p, help="default: the model's")
+    a("--use-cache", default=d.use_cache, choices=CACHE_MODES, help="default: the model's")
     a("--seed", type=int, default=d.seed, help=f"({d.seed})")
     a("--midi-reference-docs", type=int, default=d.midi_reference_docs)
+    a("--midi-reference", default=d.midi_reference, choices=("bach", "split"))
+    a("--function-headers", type=int, default=d.function_headers, help="code headers (30)")
+    a("--function-gen-length", type=int, default=d.function_gen_length)
     a("--device", default=d.device, help=f"({d.device})")
     a("--threads", dest="num_threads", type=int, default=d.num_threads, help="0 = as is")
     a("--json", action="store_true", help="print the result as JSON")

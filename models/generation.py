@@ -135,6 +135,13 @@ class Generator:
         )
         return cls(model, vocab, meta)
 
+    def resolve(self, params: SamplerParams, modality: str) -> SamplerParams:
+        """Fill the request's unset sampler fields from this model's per-modality defaults
+        (config.json `sampler_defaults`, chosen by measurement; see the model card). The one place
+        defaults are resolved: the CLI, gRPC, batch jobs and the Engine all prepare jobs here."""
+        defaults = (self.meta.get("sampler_defaults") or {}).get(modality)
+        return params.with_defaults(defaults)
+
     @property
     def max_len(self) -> int:
         return int(self.model.config.max_seq_len)
@@ -186,6 +193,7 @@ class Generator:
     def prepare_generate(
         self, modality: str, prompt: str | bytes | None, params: SamplerParams
     ) -> Prepared:
+        params = self.resolve(params, modality)
         if modality == "midi" and not prompt and not self.is_ar:
             # a new piece: fixed bar structure (one flute voice, 4/4) with the notes generated;
             # more robust than asking a small model for the structure too
@@ -203,6 +211,7 @@ class Generator:
     ) -> Prepared:
         """Continue content ids (no BOS/tag). Text output = `text_prefix` + the new text; MIDI
         output = the whole piece (prompt + new tokens) as a file."""
+        params = self.resolve(params, modality)
         check_modality(modality)
         kept = self._fit_prompt(prompt_ids, params.gen_length)
         head = self.header(modality) + kept
@@ -220,6 +229,7 @@ class Generator:
 
     def prepare_infill(self, modality: str, template: str, params: SamplerParams) -> Prepared:
         """Fill every [MASK:n] gap of a text or code template; fixed text stays byte-identical."""
+        params = self.resolve(params, modality)
         if modality == "midi":
             raise InvalidArgument("MIDI infill takes a file and bars", field="modality")
         parts = parse_template(template)
@@ -254,6 +264,7 @@ class Generator:
     ) -> Prepared:
         """Re-write chosen bars (0-based) of chosen tracks (0-based; None = all); the structural
         tokens (track, program, bar, time signature) stay, the notes between them are masked."""
+        params = self.resolve(params, "midi")
         ids = self.vocab.encode(midi, "midi")
         spans = midi_bar_spans(self.vocab, ids, bars, tracks)
         if not spans:
@@ -285,6 +296,7 @@ class Generator:
         track and bar are fixed (`Track_Start Program_p`, then per bar `Bar_None TimeSig_n/d`,
         the first bar also `Position_0 Tempo_t`, then `Track_End`); the notes of each bar are a
         masked gap of gen_length / (voices * bars) tokens."""
+        params = self.resolve(params, "midi")
         tokens = self.vocab.midi.tokens
         base = self.vocab.ranges.midi_start
 

@@ -1,10 +1,18 @@
 """The denoiser: a pre-norm Transformer (RoPE, RMSNorm, SwiGLU, tied embeddings) over the unified
 vocabulary.
 
-With `causal=False` (the default) it is the masked-diffusion denoiser: every position attends to
-every real position, and there is no time / noise-level input: the number of MASK tokens in the
-canvas already tells the network how noisy it is (MDLM, LLaDA). With `causal=True` the very same
-class is the autoregressive baseline (logits at position i predict token i + 1).
+The attention pattern is a config (`attention`):
+  * "full": every position attends to every real position — the masked-diffusion denoiser (MDLM,
+    LLaDA). There is no time / noise-level input: the number of MASK tokens tells the network how
+    noisy the canvas is.
+  * "causal": the autoregressive baseline (logits at position i predict token i + 1); the legacy
+    flag `causal=True` means the same.
+  * "block_causal" with `block_size`: positions are grouped into blocks of `block_size` by their
+    absolute (RoPE) position; a token sees its own block both ways and every earlier block
+    (BD3-LM, SDAR, Fast-dLLM v2). Committed blocks then have an exact KV cache.
+`token_shift=True` (a block-diffusion model converted from the AR one, as Dream / Fast-dLLM v2):
+the logit at position i predicts the token at i + 1, so the AR head is reused; samplers and
+objectives read a position's prediction from the position before it.
 
 Two kinds of "not a token" must not be confused:
   * MASK is a vocabulary token (the absorbing state). It is attended to like any other token and
@@ -25,6 +33,8 @@ from torch import Tensor, nn
 
 from unmask.errors import InvalidArgument
 
+ATTENTION_PATTERNS = ("full", "causal", "block_causal")
+
 
 @dataclass
 class ModelConfig:
@@ -36,11 +46,16 @@ class ModelConfig:
     max_seq_len: int = 512  # longest canvas: RoPE angles exist for positions 0..max_seq_len-1
     rope_theta: float = 10000.0  # RoPE base frequency
     dropout: float = 0.0  # on attention weights, residual branches and embeddings (training only)
-    causal: bool = False  # True = the autoregressive baseline (causal mask, next-token targets)
+    causal: bool = False  # legacy spelling of attention="causal" (kept for old checkpoints)
+    attention: str = "full"  # "full" | "causal" | "block_causal" (see the module docstring)
+    block_size: int = 1  # block_causal: positions per block (blocks start at position 0)
+    token_shift: bool = False  # the logit at i predicts token i + 1 (AR head reused)
     norm_eps: float = 1e-6  # RMSNorm epsilon
     mask_id: int | None = None  # the MASK token: its logit is set to -inf (never a prediction)
 
     def __post_init__(self) -> None:
+        if self.causal or self.attention == "causal":  # one fact, two spellings
+            self.causal, self.attention = True, "causal"
         if self.mlp_hidden is None:
             # SwiGLU has three matrices instead of two: 8/3 * d keeps the parameter count of a 4*d MLP
             self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
@@ -56,6 +71,8 @@ class ModelConfig:
             "dropout": 0.0 <= self.dropout < 1.0,
             "norm_eps": self.norm_eps > 0,
             "mask_id": self.mask_id is None or 0 <= self.mask_id < self.vocab_size,
+            "attention": self.attention in ATTENTION_PATTERNS,
+            "block_size": self.block_size >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -264,7 +281,11 @@ class Denoiser(nn.Module):
 
     def describe(self) -> str:
         c = self.config
-        kind = "autoregressive baseline" if c.causal else "bidirectional masked-diffusion denoiser"
+        kind = {
+            "causal": "autoregressive baseline",
+            "full": "bidirectional masked-diffusion denoiser",
+            "block_causal": f"block-diffusion denoiser, block-causal attention, block {c.block_size}",
+        }[c.attention] + (", token shift" if c.token_shift else "")
         return (
             f"Denoiser ({kind}): {self.num_parameters() / 1e6:.2f}M parameters "
             f"({self.num_parameters(exclude_embeddings=True) / 1e6:.2f}M without embeddings)\n"
@@ -283,6 +304,8 @@ class Denoiser(nn.Module):
         past: KVCache | None = None,
         use_cache: bool = False,
         out_index: Tensor | None = None,
+        positions: Tensor | None = None,
+        attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, KVCache | None]:
         """ids [B, T] -> logits [B, T, V] (fp32, or bf16 under autocast), and optionally a cache.
 
@@ -294,6 +317,9 @@ class Denoiser(nn.Module):
         out_index: LongTensor [B, K] of window offsets: return logits [B, K, V] for those only.
             The vocabulary projection is the largest matmul of this model; a sampler needs
             logits for the current block only, not for the whole canvas.
+        positions + attn_mask: explicit RoPE positions [B, T] (or [T]) and a bool mask [T, T] or
+            [B, 1, T, T] (True = may attend), for layouts that are not one canvas in order (the
+            block-diffusion training pass over noisy ⊕ clean copies). Without a past only.
         """
         B, T = ids.shape
         if past is not None and past.batch_size != B:
@@ -306,8 +332,17 @@ class Denoiser(nn.Module):
                 field="pad_mask",
                 value=tuple(pad_mask.shape),
             )
-        cos, sin = self.rope(self._positions(start_pos, B, T, ids.device, pad_mask))
-        mask, is_causal = self._attention_mask(pad_mask, past, B, T, ids.device)
+        if positions is not None or attn_mask is not None:
+            if positions is None or attn_mask is None or past is not None:
+                raise InvalidArgument(
+                    "positions and attn_mask go together, without a past", field="attn_mask"
+                )
+            pos = positions.expand(B, T) if positions.dim() == 1 else positions
+            mask, is_causal = (attn_mask if attn_mask.dim() == 4 else attn_mask[None, None]), False
+        else:
+            pos = self._positions(start_pos, B, T, ids.device, pad_mask)
+            mask, is_causal = self._attention_mask(pad_mask, past, pos)
+        cos, sin = self.rope(pos)
 
         x = self.drop(self.tok_emb(ids))  # [B, T, d]
         new_layers = []
@@ -374,18 +409,26 @@ class Denoiser(nn.Module):
         return positions
 
     def _attention_mask(
-        self, pad_mask: Tensor | None, past: KVCache | None, B: int, T: int, device: torch.device
+        self, pad_mask: Tensor | None, past: KVCache | None, positions: Tensor
     ) -> tuple[Tensor | None, bool]:
-        """Boolean mask [B, 1, T, P + T] (True = may attend), or None with SDPA's causal flag."""
-        causal = self.config.causal
-        if past is None and pad_mask is None:
-            return None, causal  # fast path: full (or plain causal) attention, fused kernels
+        """Boolean mask [B, 1, T, P + T] (True = may attend), or None with SDPA's causal flag.
+
+        A past (cache) is always earlier text: every real cached key is visible (for block_causal
+        the cache holds whole earlier blocks only; the samplers keep it so)."""
+        B, T = positions.shape
+        device = positions.device
+        pattern = self.config.attention
+        if past is None and pad_mask is None and pattern != "block_causal":
+            return None, pattern == "causal"  # fast path: full (or plain causal), fused kernels
         keys = (
             pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
         )
         allowed = keys[:, None, :].expand(B, T, T)  # [B, T query, T key]
-        if causal:
+        if pattern == "causal":
             allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        elif pattern == "block_causal":
+            blk = positions // self.config.block_size  # [B, T] block of each position
+            allowed = allowed & (blk[:, None, :] <= blk[:, :, None])  # key block <= query block
         # each query may always see itself: a padding query row then has one key and stays finite,
         # while a real row is unchanged (it sees itself anyway)
         allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)

@@ -286,9 +286,12 @@ def split_outputs(
     for row, (width, wants) in enumerate(zip(batch.widths, batch.wants_cache, strict=True)):
         row_cache = None
         if wants and cache is not None:
-            # a job that asks for K/V runs its full canvas without a past: its own positions
-            # sit after the batch's (padded) past slots
+            # the row's own cache: its real past slots (if it had a past), then its window,
+            # which sits after the batch's (padded) past slots
             keep = torch.arange(past_len, past_len + width, device=cache.pad_mask.device)
+            if batch.past is not None:
+                own = batch.past.pad_mask[row].nonzero().flatten().to(keep.device)
+                keep = torch.cat([own, keep])
             row_cache = kv_keep(cache.select([row]), keep)
         n = batch.n_out[row] if batch.n_out else width
         out.append((logits[row, :n], row_cache))
@@ -828,7 +831,9 @@ def generate(
     """Fill every masked span of `canvas`; a pure function of (model, canvas, params)."""
     _check_fits(model, canvas.length, "gen_length")
     _check_ids(model, canvas)
-    state = SamplerState(canvas, params, vocab, device=_model_device(model))
+    from unmask.models.block_sampler import new_state  # late: it builds on this module
+
+    state = new_state(model, canvas, params, vocab, device=_model_device(model))
     while not state.done:
         logits, cache = step_logits(model, state.prepare_inputs())
         event = state.advance(logits, cache)

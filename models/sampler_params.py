@@ -21,6 +21,12 @@ MAX_TOP_K = 1_000_000
 MAX_SEED = 2**63 - 1
 
 POSITION_SCORES = ("probability", "margin", "entropy")
+# knobs a model may choose for the caller: its config's `sampler_defaults` per modality fill the
+# fields a request left unset (`SamplerParams.unset`); "tokens_per_step" sets `steps`
+MODEL_DEFAULTABLE = (
+    "steps", "block_length", "threshold", "position_score", "temperature", "top_k", "top_p",
+    "remask_budget", "remask_threshold", "use_cache",
+)  # fmt: skip
 CACHE_MODES = ("none", "prefix", "dual")
 
 
@@ -106,6 +112,10 @@ class SamplerParams(_DictMixin):
     seed:             seeds the torch.Generator for the Gumbel noise.
     stop_at_eos:      a finished block holding EOS ends generation; what follows becomes PAD.
     grammar:          apply the MIDI grammar mask in MIDI spans.
+    unset:            the fields the caller did not set (names from MODEL_DEFAULTABLE): the
+                      model's own defaults replace them (`with_defaults`), at the one place every
+                      path goes through (models/generation.py). An unset `steps` is clipped to
+                      what gen_length allows instead of failing.
     """
 
     gen_length: int = 128
@@ -123,17 +133,30 @@ class SamplerParams(_DictMixin):
     seed: int = 0
     stop_at_eos: bool = True
     grammar: bool = True
+    unset: tuple[str, ...] = ()
 
     POSITION_SCORES: ClassVar[tuple[str, ...]] = POSITION_SCORES
     CACHE_MODES: ClassVar[tuple[str, ...]] = CACHE_MODES
 
     def __post_init__(self) -> None:
+        unset = tuple(self.unset) if isinstance(self.unset, list | tuple) else self.unset
+        if not isinstance(unset, tuple) or any(u not in MODEL_DEFAULTABLE for u in unset):
+            raise InvalidArgument(
+                f"names of unset fields among {', '.join(MODEL_DEFAULTABLE)}",
+                field="unset",
+                value=self.unset,
+            )
+        object.__setattr__(self, "unset", tuple(sorted(set(unset))))
         _check_int("gen_length", self.gen_length, 1, MAX_GEN_LENGTH)
+        if "block_length" in unset and isinstance(self.block_length, int):
+            object.__setattr__(self, "block_length", min(self.block_length, self.gen_length))
         if self.block_length is not None:
             _check_int("block_length", self.block_length, 0, self.gen_length)
             if self.block_length == 0:  # 0 is the wire format's "unset"
                 object.__setattr__(self, "block_length", None)
         # Each block needs at least one step and each step commits at least one token.
+        if "steps" in unset and isinstance(self.steps, int) and not isinstance(self.steps, bool):
+            object.__setattr__(self, "steps", min(max(self.steps, self.n_blocks), self.gen_length))
         _check_int("steps", self.steps, self.n_blocks, self.gen_length)
         if self.threshold is not None:
             _check_float("threshold", self.threshold, 0.0, 1.0, lo_open=True)
@@ -144,6 +167,18 @@ class SamplerParams(_DictMixin):
         _check_choice("use_cache", self.use_cache, CACHE_MODES)
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, 1, MAX_STEPS)
+
+    def with_defaults(self, defaults: dict[str, Any] | None) -> SamplerParams:
+        """These parameters with the unset fields taken from a model's `defaults` (a mapping of
+        field -> value, plus "tokens_per_step" for steps); set fields are never changed."""
+        if not self.unset:
+            return self
+        values = {k: v for k, v in (defaults or {}).items() if k in self.unset}
+        tps = (defaults or {}).get("tokens_per_step")
+        if "steps" in self.unset and isinstance(tps, int) and tps >= 1:
+            values["steps"] = -(-self.gen_length // tps)
+        # still marked unset while built, so a default is clipped to what gen_length allows
+        return dataclasses.replace(dataclasses.replace(self, **values), unset=())
 
     @property
     def n_blocks(self) -> int:

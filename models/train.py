@@ -34,6 +34,7 @@ from tqdm import tqdm
 from unmask.corpus.shards import load_split
 from unmask.errors import CheckpointError, InvalidArgument, VocabMismatch
 from unmask.models import checkpoint
+from unmask.models.block_diffusion import block_diffusion_loss, block_nelbo
 from unmask.models.data import BatchSampler, SpecialIds, eval_batches
 from unmask.models.network import Denoiser, ModelConfig
 from unmask.models.objective import (
@@ -57,7 +58,16 @@ class TrainConfig:
     vocab: str = ""  # vocabulary directory ("" = the vocabulary shipped with unmask)
     out: str = "runs/unmask"  # model directory to write; training state is kept inside it
     # model
-    objective: str = "diffusion"  # "diffusion" (masked diffusion) | "ar" (autoregressive baseline)
+    objective: str = "diffusion"  # "diffusion" (MDLM) | "block_diffusion" (BD3) | "ar" (baseline)
+    init_from: str = ""  # model dir or train_state/state.pt whose weights start this run
+    # block diffusion (objective="block_diffusion")
+    block_size: int = 4  # final block size (the model's attention block)
+    block_warmup: list[int] = field(default_factory=list)  # smaller sizes first, e.g. [1, 2]
+    block_warmup_share: float = 0.1  # share of the steps spent on the warm-up sizes (split evenly)
+    t_min: float = 0.45  # clipped mask-rate schedule for training, t ~ U[t_min, t_max] per block
+    t_max: float = 0.95
+    complementary: bool = False  # a second noisy copy with the complementary mask (Fast-dLLM v2)
+    token_shift: bool = True  # the logit at i predicts token i + 1 (reuses an AR start's head)
     d_model: int = 256  # residual stream width
     n_layers: int = 6  # Transformer blocks
     n_heads: int = 4  # attention heads
@@ -77,6 +87,7 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 200  # linear warm-up from 0 to lr
+    schedule: str = "cosine"  # "cosine" decay to min_lr | "constant" (the stable phase of WSD)
     max_steps: int = 5000  # optimizer steps (ignored when max_tokens > 0)
     max_tokens: int = (
         0  # if > 0: train on this many tokens (steps = ceil(tokens / tokens per step))
@@ -95,12 +106,21 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available) | "cpu" | "cuda" | "cuda:N"
     num_threads: int = 0  # torch CPU threads (0 = every core this process may use)
     weights_dtype: str = "float32"  # dtype of the final model.safetensors ("bfloat16" halves it)
+    autocast: str = (
+        "auto"  # "auto" (bf16 on CUDA and on CPUs with AMX/AVX512-BF16) | "bf16" | "off"
+    )
 
     def __post_init__(self) -> None:
         positive = ("d_model", "n_layers", "n_heads", "seq_len", "batch_size", "grad_accum")
         checks: dict[str, bool] = {name: getattr(self, name) > 0 for name in positive}
         checks |= {
-            "objective": self.objective in ("diffusion", "ar"),
+            "objective": self.objective in ("diffusion", "block_diffusion", "ar"),
+            "block_size": self.block_size >= 1,
+            "block_warmup": all(1 <= b <= self.block_size for b in self.block_warmup),
+            "block_warmup_share": 0.0 <= self.block_warmup_share < 1.0,
+            "t_min": 0.0 < self.t_min <= self.t_max <= 1.0,
+            "schedule": self.schedule in ("cosine", "constant"),
+            "autocast": self.autocast in ("auto", "bf16", "off"),
             "lr": self.lr > 0,
             "min_lr": 0 <= self.min_lr <= self.lr,
             "eps": 0.0 <= self.eps < 1.0,
@@ -149,7 +169,16 @@ class TrainConfig:
             return math.ceil(self.max_tokens / self.tokens_per_step)
         return self.max_steps
 
+    def block_size_at(self, step: int) -> int:
+        """Block size of a step: the warm-up sizes in order over the first share, then the last."""
+        if not self.block_warmup:
+            return self.block_size
+        per = self.block_warmup_share * self.total_steps / len(self.block_warmup)
+        stage = int(step // max(per, 1e-9))
+        return self.block_warmup[stage] if stage < len(self.block_warmup) else self.block_size
+
     def model_config(self, vocab_size: int, mask_id: int) -> ModelConfig:
+        block = self.objective == "block_diffusion"
         return ModelConfig(
             vocab_size=vocab_size,
             d_model=self.d_model,
@@ -159,7 +188,11 @@ class TrainConfig:
             max_seq_len=self.seq_len,
             rope_theta=self.rope_theta,
             dropout=self.dropout,
-            causal=self.objective == "ar",
+            attention={"ar": "causal", "block_diffusion": "block_causal"}.get(
+                self.objective, "full"
+            ),
+            block_size=self.block_size if block else 1,
+            token_shift=block and self.token_shift,
             mask_id=mask_id,
         )
 
@@ -168,6 +201,8 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to cfg.min_lr at the end."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
@@ -191,9 +226,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX-BF16 or AVX512-BF16 (bf16 matmuls then run ~2x fp32; elsewhere
+    bf16 is emulated and slower). Read from /proc/cpuinfo, the flags `lscpu` shows."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def use_bf16(device: torch.device, mode: str = "auto") -> bool:
+    if mode == "off":
+        return False
+    if mode == "bf16":
+        return True
+    return device.type == "cuda" or cpu_has_fast_bf16()
+
+
+def _autocast(device: torch.device, mode: str = "auto"):
+    """bf16 autocast (fp32 master weights; norms and losses are computed in fp32)."""
+    if use_bf16(device, mode):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -217,8 +271,11 @@ def batch_loss(
     mask_id: int,
     structural: torch.Tensor | None,
     generator: torch.Generator,
+    block_size: int | None = None,
 ):
-    """Loss of one micro-batch under cfg.objective -> (scalar loss, LossStats)."""
+    """Loss of one micro-batch under cfg.objective -> (scalar loss, LossStats).
+
+    block_size: block diffusion only, this step's size (warm-up); None = cfg.block_size."""
     if cfg.objective == "ar":
         logits, _ = model(batch.ids)
         return ar_loss(logits, batch.ids, batch.target_mask)
@@ -230,6 +287,18 @@ def batch_loss(
         keep_ids=structural,
         keep_rows=batch.keep_structure,
     )
+    if cfg.objective == "block_diffusion":
+        return block_diffusion_loss(
+            model,
+            batch.ids,
+            maskable,
+            mask_id,
+            block_size=block_size or cfg.block_size,
+            t_min=cfg.t_min,
+            t_max=cfg.t_max,
+            complementary=cfg.complementary,
+            generator=generator,
+        )
     t = sample_t(len(batch), cfg.eps, generator, device=batch.ids.device)
     xt, masked = mask_tokens(batch.ids, t, maskable, mask_id, generator)
     logits, _ = model(xt)
@@ -262,9 +331,20 @@ def evaluate(
         )
         for batch in batches:
             batch = batch.to(device)
-            with _autocast(device):
+            with _autocast(device, cfg.autocast):
                 if cfg.objective == "ar":
                     _, rows = ar_nll(model, batch.ids, batch.target_mask)
+                elif cfg.objective == "block_diffusion":
+                    _, rows = block_nelbo(
+                        model,
+                        batch.ids,
+                        batch.target_mask,
+                        special.mask,
+                        block_size=cfg.block_size,
+                        samples=cfg.eval_samples,
+                        eps=cfg.eps,
+                        generator=generator,
+                    )
                 else:
                     _, rows = nelbo(
                         model,
@@ -281,6 +361,25 @@ def evaluate(
             out[modality] = total / n_tokens
     model.train(was_training)
     return out
+
+
+def initial_weights(path: str | Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Weights to start from: a model directory or a training state (state.pt). The shapes must
+    fit `model_cfg`; the attention pattern may differ (AR -> block diffusion conversion)."""
+    path = Path(path)
+    if path.is_dir() and (path / STATE_FILE).exists() and not (path / checkpoint.WEIGHTS).exists():
+        path = path / STATE_FILE
+    if path.is_file():
+        weights = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    else:
+        source, _, _ = checkpoint.load(path)
+        weights = source.state_dict()
+    probe = Denoiser(model_cfg).state_dict()
+    if set(weights) != set(probe) or any(weights[k].shape != probe[k].shape for k in probe):
+        raise CheckpointError(
+            f"the weights in {path} do not fit this model's shape", field="init_from"
+        )
+    return {k: v.float() for k, v in weights.items()}
 
 
 def _data_summary(corpus: Path, train_docs: dict) -> str:
@@ -360,6 +459,8 @@ def _train(cfg: TrainConfig, vocab: Any, progress: bool, stop_at: int | None) ->
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_config(vocab.size, special.mask)
     model = Denoiser(model_cfg).to(device)
+    if cfg.init_from and not (out / STATE_FILE).exists():
+        model.load_state_dict(initial_weights(cfg.init_from, model_cfg))
     optimizer = configure_optimizer(model, cfg, device)
     sampler = BatchSampler(
         train_docs,
@@ -427,12 +528,15 @@ def _train(cfg: TrainConfig, vocab: Any, progress: bool, stop_at: int | None) ->
     saved_at = step
     while step < end:
         lr = lr_at(step, cfg, total)
+        block_now = cfg.block_size_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for _ in range(cfg.grad_accum):
             batch = sampler.next_batch().to(device)
-            with _autocast(device):
-                loss, _ = batch_loss(model, batch, cfg, special.mask, structural, generator)
+            with _autocast(device, cfg.autocast):
+                loss, _ = batch_loss(
+                    model, batch, cfg, special.mask, structural, generator, block_now
+                )
             (loss / cfg.grad_accum).backward()
             loss_log += loss.detach() / cfg.grad_accum
         grad_norm = (
@@ -452,6 +556,8 @@ def _train(cfg: TrainConfig, vocab: Any, progress: bool, stop_at: int | None) ->
             tok_s = (tokens_seen - tokens_log) / max(time.time() - t_log, 1e-9)
             bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:,.0f}")
             record = {"step": step, "loss": mean_loss, "lr": lr, "tokens": tokens_seen}
+            if cfg.objective == "block_diffusion":
+                record["block_size"] = block_now
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             _log(out, record | {"tok_per_s": tok_s})
@@ -483,6 +589,7 @@ def _train(cfg: TrainConfig, vocab: Any, progress: bool, stop_at: int | None) ->
         },
         "train_config": cfg.to_dict(),
         "eval": last_eval,
+        "train_precision": "bf16 autocast" if use_bf16(device, cfg.autocast) else "fp32",
         "data": _data_summary(corpus, train_docs),
     }
     return checkpoint.save(out, model, vocab, meta, weights_dtype=cfg.weights_dtype)
@@ -500,6 +607,21 @@ def _parse_weights(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"expected modality=weight,...: {text!r}") from exc
 
 
+def _parse_ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected N,N,...: {text!r}") from exc
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false: {text!r}")
+
+
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (e.g. --max-steps); flags override --config."""
     parser.add_argument("--config", metavar="JSON", help="JSON file of TrainConfig fields")
@@ -512,10 +634,21 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"default": None, "help": f"(default: {default})"}
         if tp is dict or getattr(tp, "__origin__", None) is dict:
             kwargs |= {"type": _parse_weights, "metavar": "M=W,..."}
+        elif getattr(tp, "__origin__", None) is list:
+            kwargs |= {"type": _parse_ints, "metavar": "N,N,..."}
+        elif tp is bool:
+            kwargs |= {"type": _parse_bool, "metavar": "true|false"}
         else:
             kwargs["type"] = tp
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--export-only",
+        action="store_true",
+        help="write the model directory from the saved training state and stop (no training; "
+        "safe while the run goes on in another process)",
+    )
+    parser.add_argument("--stop-at", type=int, default=None, help="end this session at step N")
     parser.set_defaults(func=run_train)
 
 
@@ -531,6 +664,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    path = train(config_from_args(args), progress=not getattr(args, "quiet", False))
+    stop_at = 0 if getattr(args, "export_only", False) else getattr(args, "stop_at", None)
+    path = train(
+        config_from_args(args), progress=not getattr(args, "quiet", False), stop_at=stop_at
+    )
     print(path)
     return 0

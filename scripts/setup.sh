@@ -10,11 +10,12 @@ DEB_ROOT=${UNMASK_DEB_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/unmask/deb}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo -n "$@"; else return 1; fi; }
 
-# System packages: redis-server (queue tests), python3.11-doc (prose corpus).
+# System packages: redis-server (queue tests), python3.11-doc (prose corpus), wamerican (eval).
 if command -v apt-get >/dev/null; then
   need=()
   command -v redis-server >/dev/null || need+=(redis-server)
   [ -d /usr/share/doc/python3.11/html/_sources ] || need+=(python3.11-doc)
+  [ -f /usr/share/dict/american-english ] || need+=(wamerican)  # text quality gate word list
   if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" \

@@ -13,13 +13,12 @@ from typing import Any
 
 from unmask.engine.request import GenerationRequest, MidiSettings
 from unmask.errors import InvalidArgument, UnmaskError
-from unmask.models.sampler_params import SamplerParams
+from unmask.models.sampler_params import MODEL_DEFAULTABLE, SamplerParams
 from unmask.v1 import unmask_pb2 as pb
 
 MODALITY_TO_PROTO = {"text": pb.MODALITY_TEXT, "code": pb.MODALITY_CODE, "midi": pb.MODALITY_MIDI}
 MODALITY_FROM_PROTO = {v: k for k, v in MODALITY_TO_PROTO.items()}
 _SAMPLER_FIELDS = {f.name for f in dataclasses.fields(SamplerParams)}
-_DEFAULT_STEPS = SamplerParams().steps
 # proto SamplerParams field -> SamplerParams field (the rest share their names)
 _PARAM_RENAMES = {"cache": "use_cache"}
 _PARAM_PROTO_NAME = {v: k for k, v in _PARAM_RENAMES.items()}
@@ -60,16 +59,13 @@ def relabel(exc: UnmaskError, prefix: str = "") -> UnmaskError:
 
 
 def sampler_params(msg: pb.SamplerParams) -> SamplerParams:
-    """Unset fields take SamplerParams' defaults; an unset `steps` is clipped to gen_length."""
+    """Set fields as given; unset ones are marked `unset` for the model's own defaults (resolved
+    by the Generator), falling back to SamplerParams' (an unset `steps` clipped to gen_length)."""
     values: dict[str, Any] = {}
     for desc in msg.DESCRIPTOR.fields:
         if msg.HasField(desc.name):
             values[_PARAM_RENAMES.get(desc.name, desc.name)] = getattr(msg, desc.name)
-    if "steps" not in values and "gen_length" in values:
-        # the default step count, clipped to what the length allows (>= 1 per block)
-        length, block = values["gen_length"], values.get("block_length") or 0
-        n_blocks = -(-length // block) if 0 < block <= length else 1
-        values["steps"] = max(n_blocks, min(_DEFAULT_STEPS, length))
+    values["unset"] = tuple(n for n in MODEL_DEFAULTABLE if n not in values)
     try:
         return SamplerParams(**values)
     except InvalidArgument as exc:

@@ -188,10 +188,16 @@ def test_evaluate_model_end_to_end(tiny):
     cfg = EvalConfig(
         model=str(diff), ar_model=str(ar), corpus=str(corpus), split="test", batches=1,
         batch_size=2, t_samples=2, n_samples=2, prompt_tokens=6, gen_length=12, steps=6,
-        block_length=6,
+        block_length=6, midi_reference="split", function_headers=2, function_gen_length=8,
     )  # fmt: skip
     res = evaluate_model(cfg)
     json.dumps(res)  # serialisable
+    gates = res["gates"]
+    assert {"nelbo_over_ar_text", "code_function_body_rate", "midi_pitch_class_entropy"} <= set(
+        gates
+    )
+    for g in gates.values():
+        assert g["met"] in (True, False, None)
     assert res["model"]["objective"] == "diffusion" and res["ar_model"]["objective"] == "ar"
     assert res["model"]["parameters"] > 0 and res["model"]["tokens_seen"] == 2 * 4 * 64
     assert res["config"]["n_samples"] == 2 and res["wall_time_s"] > 0

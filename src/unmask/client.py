@@ -177,7 +177,10 @@ def sampler_params(params: Any = None, **knobs: Any) -> pb.SamplerParams:
     """Keyword knobs (or a SamplerParams / dict) → proto; None values are left unset."""
     values: dict[str, Any] = {}
     if params is not None:
-        values.update(params if isinstance(params, dict) else params.to_dict())
+        given = dict(params) if isinstance(params, dict) else params.to_dict()
+        for name in given.pop("unset", ()) or ():  # left for the model to choose
+            given.pop(name, None)
+        values.update(given)
     values.update(knobs)
     out = pb.SamplerParams()
     fields = out.DESCRIPTOR.fields_by_name

@@ -1,0 +1,182 @@
+"""Block diffusion (BD3-LM): masked diffusion inside blocks, autoregressive across blocks.
+
+The sequence x0 [B, L] is cut into blocks of `block_size` by position. Each block b gets its own
+noise level t_b; each of its maskable tokens becomes MASK with probability t_b. The model
+predicts block b's masked tokens from the noisy block itself (both ways) and the *clean* blocks
+before it. Training does every block at once in one forward pass over a 2L layout
+(or (k+1)L with k noisy copies, e.g. the complementary mask of Fast-dLLM v2):
+
+    ids       = [ x_t (copy 1) ; ... ; x_t (copy k) ; x0 ]        [B, (k+1) L]
+    positions = [ 0..L-1       ; ... ; 0..L-1       ; 0..L-1 ]    same RoPE for every copy
+    mask      : noisy copy c, block b  -> its own block in copy c      (block-diagonal)
+                                       -> clean blocks < b             (offset block-causal)
+                clean block b          -> clean blocks <= b            (block-causal)
+
+Clean queries never see noisy keys, so the clean half is exactly what a sampler's KV cache of
+committed blocks holds. With `token_shift` (a model converted from the AR baseline) the target at
+position i is read from the output at i - 1: inside a block from the noisy copy, for a block's
+first position from the clean copy's last position of the previous block — at block size 1 this
+is exactly the AR model's next-token loss (a test checks it).
+
+Loss: sum over masked tokens of CE / t_b, divided by the number of maskable tokens (and copies):
+the NELBO per token when t ~ U(0, 1]. Training clips t to [t_min, t_max] (BD3-LM: lower gradient
+variance); evaluation uses the full range. Logits are computed only where a loss is taken.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unmask.errors import InvalidArgument
+from unmask.models.objective import LossStats, _rand
+
+
+@lru_cache(maxsize=16)
+def _layout(L: int, block_size: int, copies: int, device: str) -> tuple[Tensor, Tensor]:
+    """(positions [(copies+1) L], attention mask [(copies+1) L, (copies+1) L] bool)."""
+    blk = torch.arange(L, device=device) // block_size  # [L]
+    same = blk[:, None] == blk[None, :]  # [L, L] query block == key block
+    earlier = blk[None, :] < blk[:, None]  # key block < query block
+    upto = blk[None, :] <= blk[:, None]  # key block <= query block
+    n = copies + 1
+    mask = torch.zeros(n * L, n * L, dtype=torch.bool, device=device)
+    for c in range(copies):
+        rows = slice(c * L, (c + 1) * L)
+        mask[rows, rows] = same
+        mask[rows, copies * L :] = earlier
+    mask[copies * L :, copies * L :] = upto
+    positions = torch.arange(L, device=device).repeat(n)
+    return positions, mask
+
+
+def source_index(cols: Tensor, copy: int, copies: int, L: int, block_size: int, shift: bool):
+    """Index in the (copies+1)L layout whose output predicts the target at position `cols`."""
+    if not shift:
+        return copy * L + cols
+    first = cols % block_size == 0  # a block's first token: read from the clean previous position
+    return torch.where(first, copies * L + cols - 1, copy * L + cols - 1)
+
+
+def _masked_copies(
+    x0: Tensor,
+    maskable: Tensor,
+    block_size: int,
+    t_min: float,
+    t_max: float,
+    complementary: bool,
+    generator: torch.Generator | None,
+    t_fixed: float | None,
+) -> list[tuple[Tensor, Tensor]]:
+    """[(masked [B, L] bool, t per position [B, L])] for each noisy copy."""
+    B, L = x0.shape
+    n_blocks = math.ceil(L / block_size)
+    blk = torch.arange(L, device=x0.device) // block_size
+    if t_fixed is not None:
+        t_blk = torch.full((B, n_blocks), float(t_fixed), device=x0.device)
+    else:
+        t_blk = t_min + (t_max - t_min) * _rand((B, n_blocks), generator, x0.device)
+    t_pos = t_blk[:, blk]  # [B, L]
+    r = _rand((B, L), generator, x0.device)
+    masked = (r < t_pos) & maskable
+    copies = [(masked, t_pos)]
+    if complementary:
+        # every maskable token is a target exactly once; its copy's noise level is 1 - t
+        copies.append((maskable & ~masked, (1.0 - t_pos).clamp(min=1e-3)))
+    return copies
+
+
+def block_diffusion_loss(
+    model: nn.Module,
+    x0: Tensor,
+    maskable: Tensor,
+    mask_id: int,
+    *,
+    block_size: int,
+    t_min: float = 0.45,
+    t_max: float = 0.95,
+    complementary: bool = False,
+    generator: torch.Generator | None = None,
+    t_fixed: float | None = None,
+) -> tuple[Tensor, LossStats]:
+    """One BD3 training/eval pass. x0 [B, L] clean ids, maskable [B, L] targets.
+
+    Returns (scalar NELBO-per-token estimate, LossStats with per-row sums). `t_fixed` masks every
+    block at that level (t_fixed=1: all targets masked, a deterministic loss).
+    """
+    if block_size < 1 or not 0.0 < t_min <= t_max <= 1.0:
+        raise InvalidArgument(
+            "need block_size >= 1 and 0 < t_min <= t_max <= 1", field="t_min", value=t_min
+        )
+    B, L = x0.shape
+    shift = bool(getattr(model.config, "token_shift", False))
+    copies = _masked_copies(
+        x0, maskable, block_size, t_min, t_max, complementary, generator, t_fixed
+    )
+    k = len(copies)
+    positions, attn = _layout(L, block_size, k, str(x0.device))
+    ids = torch.cat([torch.where(m, torch.full_like(x0, mask_id), x0) for m, _ in copies] + [x0], 1)
+
+    # gather only the outputs that carry a loss: per row, a padded list of source indices
+    rows_l, cols_l, src_l, w_l = [], [], [], []
+    for c, (m, t_pos) in enumerate(copies):
+        rows, cols = m.nonzero(as_tuple=True)
+        rows_l.append(rows)
+        cols_l.append(cols)
+        src_l.append(source_index(cols, c, k, L, block_size, shift))
+        w_l.append(1.0 / t_pos[rows, cols])
+    rows, cols = torch.cat(rows_l), torch.cat(cols_l)
+    src, weight = torch.cat(src_l), torch.cat(w_l).float()
+    counts = torch.bincount(rows, minlength=B)  # [B] targets per row
+    K = max(int(counts.max()) if counts.numel() else 0, 1)
+    order = torch.argsort(rows, stable=True)
+    rows, cols, src, weight = rows[order], cols[order], src[order], weight[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=x0.device) - starts[rows]  # rank inside its row
+    out_index = torch.zeros(B, K, dtype=torch.long, device=x0.device)
+    out_index[rows, slot] = src
+
+    logits, _ = model(ids, positions=positions, attn_mask=attn, out_index=out_index)  # [B, K, V]
+    ce = F.cross_entropy(logits[rows, slot].float(), x0[rows, cols], reduction="none")  # [N]
+    row_loss = torch.zeros(B, device=ce.device, dtype=torch.float32).index_add(0, rows, ce * weight)
+    row_loss = row_loss / k  # each copy is one estimate of the same NELBO
+    row_tokens = maskable.sum(dim=1)
+    loss = row_loss.sum() / row_tokens.sum().clamp(min=1)
+    return loss, LossStats(row_loss.detach(), row_tokens, torch.tensor(rows.numel()))
+
+
+@torch.no_grad()
+def block_nelbo(
+    model: nn.Module,
+    ids: Tensor,
+    maskable: Tensor,
+    mask_id: int,
+    *,
+    block_size: int,
+    samples: int = 4,
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+    n_tokens: Tensor | None = None,
+) -> tuple[float, Tensor]:
+    """Monte-Carlo NELBO of clean sequences under the block-diffusion model, t_b ~ U(eps, 1]
+    per block and sample. Returns (NELBO per token, row NELBO [B] in nats)."""
+    row = torch.zeros(ids.shape[0], device=ids.device, dtype=torch.float32)
+    for _ in range(samples):
+        _, stats = block_diffusion_loss(
+            model,
+            ids,
+            maskable,
+            mask_id,
+            block_size=block_size,
+            t_min=eps,
+            t_max=1.0,
+            generator=generator,
+        )
+        row += stats.row_loss
+    row = row * (1.0 - eps) / samples
+    denom = n_tokens if n_tokens is not None else maskable.sum(dim=1)
+    return float(row.sum() / denom.sum().clamp(min=1)), row

@@ -1,0 +1,166 @@
+"""Sampling a block-causal (block-diffusion) model with its exact KV cache.
+
+The canvas is cut into the model's blocks by absolute position (block k = positions
+[k*B, (k+1)*B), as in training). Blocks are generated left to right; inside the current block the
+usual pipeline runs (constraints, sampling, scoring, fixed-count or threshold commits, remasking
+inside the block). Every step forwards only
+
+    window = canvas[cache_len : end of the current block]
+
+attending to the cache of everything before it. The cache holds whole finished blocks only: their
+keys/values were computed from clean (committed) tokens and never change, so the cache is exact,
+not an approximation. The first step of a block also carries the blocks finished since the last
+cache update (they are clean context in the same forward, attended block-causally) and adds them
+to the cache — no extra forward pass per block.
+
+Token shift (a model converted from the AR one): the prediction for position i is the output at
+i - 1. For the first position of a block that output belongs to the last (clean) position of the
+previous block; it is computed in the block's first step and kept for the later steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from unmask.errors import InvalidArgument
+from unmask.models.canvas import Canvas
+from unmask.models.network import KVCache
+from unmask.models.sampler import SamplerState, SamplerVocab, StepEvent, StepInputs, kv_keep
+from unmask.models.sampler_params import SamplerParams
+
+
+def grid_blocks(masked_positions: Tensor, block_size: int) -> list[Tensor]:
+    """The masked positions grouped by the model's absolute block grid, left to right."""
+    if masked_positions.numel() == 0:
+        return []
+    blk = masked_positions // block_size
+    _, counts = torch.unique_consecutive(blk, return_counts=True)
+    return list(torch.split(masked_positions, counts.tolist()))
+
+
+def steps_per_block(params: SamplerParams, sizes: list[int]) -> list[int]:
+    """`steps` over gen_length sets the tokens per step; every block gets 1..size steps."""
+    rate = params.steps / max(params.gen_length, 1)  # steps per token
+    return [min(n, max(1, round(n * rate))) for n in sizes]
+
+
+class BlockCausalState(SamplerState):
+    """A SamplerState for a model with attention="block_causal" (see the module docstring)."""
+
+    def __init__(
+        self,
+        canvas: Canvas,
+        params: SamplerParams,
+        vocab: SamplerVocab,
+        *,
+        block_size: int,
+        token_shift: bool,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        # the parent's blocks follow params.block_length; ours follow the model's grid
+        super().__init__(canvas, replace(params, block_length=None), vocab, device=device)
+        self.params = params
+        self.block_size = block_size
+        self.token_shift = token_shift
+        self.blocks = grid_blocks(torch.nonzero(~self.layout.fixed).flatten(), block_size)
+        self.block_steps = steps_per_block(params, [b.numel() for b in self.blocks])
+        self.cache_len = 0  # positions [0, cache_len) are in self.cache (whole blocks)
+        self.first_logits: Tensor | None = None  # shift: the prediction for the block's start
+        self._window: tuple[int, int, int] | None = None  # (lo, hi, first output position)
+
+    def block_bounds(self) -> tuple[int, int]:
+        """[lo, hi): the grid block holding the current block's positions."""
+        lo = int(self.blocks[self.block][0]) // self.block_size * self.block_size
+        return lo, min(lo + self.block_size, self.length)
+
+    def prepare_inputs(self) -> StepInputs:
+        if self.done:
+            raise InvalidArgument("the job has finished", field="state")
+        lo, hi = self.block_bounds()
+        start = self.cache_len
+        if self.token_shift:
+            out_first = max(lo - 1, start)  # outputs at lo-1 .. hi-2 predict lo .. hi-1
+            out_len = max(hi - 1 - out_first, 1)
+        else:
+            out_first, out_len = lo, hi - lo
+        inputs = StepInputs(
+            self.ids[None, start:hi],
+            start,
+            self.cache,
+            use_cache=start < lo,  # finished blocks in the window: cache them now
+            out_offset=out_first - start,
+            out_len=out_len,
+        )
+        self._window = (lo, hi, out_first)
+        self._pending = inputs
+        return inputs
+
+    def advance(self, logits: Tensor, cache: KVCache | None = None) -> StepEvent:
+        inputs, window = self._pending, self._window
+        if inputs is None or window is None:
+            raise InvalidArgument("call prepare_inputs() before advance()", field="state")
+        lo, hi, out_first = window
+        logits = logits.reshape(-1, logits.shape[-1])[: inputs.n_out]
+        if logits.shape[0] != inputs.n_out:
+            raise InvalidArgument(
+                f"expected logits for {inputs.n_out} positions", field="logits", value=logits.shape
+            )
+        if inputs.use_cache:
+            if cache is None:
+                raise InvalidArgument("this step asked for a KVCache", field="cache")
+            # cache = past ++ window (positions 0..hi-1): keep the whole blocks before this one
+            self.cache = kv_keep(cache, torch.arange(lo, device=self.device))
+            self.cache_len = lo
+        if self.token_shift:
+            if out_first == lo - 1:  # this forward saw the previous block's last position
+                self.first_logits = logits[0]
+                block_logits = logits[: hi - lo]
+            else:
+                first = self.first_logits
+                if first is None:
+                    if lo != 0 or not self.layout.fixed[0]:
+                        raise InvalidArgument(
+                            "no prediction kept for the block start", field="state"
+                        )
+                    first = torch.zeros_like(logits[0])  # position 0 (BOS) is never predicted
+                block_logits = torch.cat([first[None], logits[: hi - lo - 1]])
+        else:
+            block_logits = logits[: hi - lo]
+        # the parent's step reads logits of canvas positions [lo, hi) from a window starting at lo
+        self._pending = StepInputs(
+            self.ids[None, lo:hi], lo, None, use_cache=False, out_len=hi - lo
+        )
+        self._window = None
+        return super().advance(block_logits)
+
+    def _finish_block(self) -> None:
+        cache, cache_len = self.cache, self.cache_len
+        super()._finish_block()  # the parent drops its (approximate) cache here; ours is exact
+        if not self.done:
+            self.cache, self.cache_len = cache, cache_len
+
+
+def new_state(
+    model: torch.nn.Module,
+    canvas: Canvas,
+    params: SamplerParams,
+    vocab: SamplerVocab,
+    device: torch.device | str = "cpu",
+) -> SamplerState:
+    """The per-job sampler state that fits the model's attention pattern."""
+    config = getattr(model, "config", None)
+    if getattr(config, "attention", "full") == "block_causal":
+        return BlockCausalState(
+            canvas,
+            params,
+            vocab,
+            block_size=int(config.block_size),
+            token_shift=bool(config.token_shift),
+            device=device,
+        )
+    if getattr(config, "token_shift", False):
+        raise InvalidArgument("token_shift needs block_causal attention", field="model")
+    return SamplerState(canvas, params, vocab, device=device)

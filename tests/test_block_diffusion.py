@@ -1,0 +1,166 @@
+"""Block diffusion: the block-causal attention pattern, the BD3 objective and its exact-cache sampler,
+on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sampler import BOS, MASK, V, fake_vocab
+
+from unmask.models.block_diffusion import _layout, block_diffusion_loss, block_nelbo
+from unmask.models.block_sampler import BlockCausalState, grid_blocks, new_state
+from unmask.models.canvas import Canvas, Fixed, Masked
+from unmask.models.network import Denoiser, ModelConfig
+from unmask.models.objective import ar_loss, ar_nll
+from unmask.models.sampler import collate_inputs, generate, run_batch, split_outputs, step_logits
+from unmask.models.sampler_params import SamplerParams
+from unmask.models.train import TrainConfig
+
+
+def tiny(attention: str = "block_causal", block_size: int = 4, shift: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, attention=attention,
+        block_size=block_size, token_shift=shift, mask_id=MASK,
+    )  # fmt: skip
+    return Denoiser(cfg).eval()
+
+
+def rows(B: int = 3, L: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(4, 40, (B, L), generator=g)
+    x[:, 0] = BOS
+    targets = torch.ones_like(x, dtype=torch.bool)
+    targets[:, :2] = False
+    return x, targets
+
+
+def test_block_causal_mask_sees_own_block_both_ways_and_earlier_blocks_only():
+    m = tiny(block_size=3)
+    pos = torch.arange(9)[None]
+    mask, _ = m._attention_mask(None, None, pos)
+    allowed = mask[0, 0]
+    blk = torch.arange(9) // 3
+    assert torch.equal(allowed, blk[None, :] <= blk[:, None])
+
+
+def test_a_later_block_cannot_change_an_earlier_blocks_outputs():
+    m = tiny()
+    x, _ = rows(1, 16)
+    y = x.clone()
+    y[0, 12:] = 5  # change the last block only
+    a, b = m.logits(x), m.logits(y)
+    assert torch.allclose(a[0, :12], b[0, :12], atol=1e-6)
+    assert not torch.allclose(a[0, 12:], b[0, 12:])
+
+
+def test_training_layout_masks_noisy_and_clean_copies_as_bd3():
+    L, bs = 8, 4
+    positions, mask = _layout(L, bs, 1, "cpu")
+    assert positions.tolist() == list(range(L)) * 2
+    noisy_q_block1 = mask[4]  # noisy position 4 (block 1)
+    assert noisy_q_block1[4:8].all() and not noisy_q_block1[:4].any()  # own noisy block only
+    assert noisy_q_block1[8:12].all() and not noisy_q_block1[12:].any()  # clean block 0 only
+    clean_q = mask[8 + 5]  # clean position 5 (block 1)
+    assert not clean_q[:8].any() and clean_q[8:16].all()  # never a noisy key; clean blocks <= 1
+
+
+def test_block_size_one_with_token_shift_is_exactly_the_ar_loss():
+    ar = tiny("causal", shift=False)
+    bd = tiny("block_causal", block_size=1, shift=True)
+    bd.load_state_dict(ar.state_dict())
+    x, targets = rows()
+    expected, _ = ar_loss(ar.logits(x), x, targets)
+    got, _ = block_diffusion_loss(bd, x, targets, MASK, block_size=1, t_fixed=1.0)
+    assert abs(got.item() - expected.item()) < 1e-4
+    # and the NELBO estimate at block size 1 matches the AR NLL within MC noise
+    g = torch.Generator().manual_seed(0)
+    nelbo, _ = block_nelbo(bd, x, targets, MASK, block_size=1, samples=64, generator=g)
+    nll, _ = ar_nll(ar, x, targets)
+    assert abs(nelbo - nll) < 0.05 * nll
+
+
+def test_complementary_copies_give_every_target_a_loss_once():
+    m = tiny()
+    x, targets = rows()
+    loss, stats = block_diffusion_loss(m, x, targets, MASK, block_size=4, complementary=True)
+    assert int(stats.n_masked) == int(targets.sum())
+    loss.backward()
+    assert m.tok_emb.weight.grad is not None and torch.isfinite(loss)
+
+
+def test_loss_is_computed_only_from_the_masked_tokens_and_their_clean_past():
+    m = tiny()
+    x, targets = rows(1, 16)
+    only = torch.zeros_like(targets)
+    only[0, 9] = True  # one target in block 2: depends on blocks 0-1 and block 2 (noisy)
+    a, _ = block_diffusion_loss(m, x, only, MASK, block_size=4, t_fixed=1.0)
+    y = x.clone()
+    y[0, 12:] = 7  # a later block
+    b, _ = block_diffusion_loss(m, y, only, MASK, block_size=4, t_fixed=1.0)
+    assert abs(float(a) - float(b)) < 1e-6
+
+
+def test_grid_blocks_follow_absolute_positions():
+    blocks = grid_blocks(torch.tensor([5, 6, 7, 8, 9, 13]), 4)
+    assert [b.tolist() for b in blocks] == [[5, 6, 7], [8, 9], [13]]
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_cached_block_logits_equal_a_full_forward_at_every_step(shift):
+    """The exact KV cache: each step's logits equal those of an uncached forward of the canvas."""
+    m = tiny(shift=shift)
+    canvas = Canvas([Fixed([BOS, 4, 5, 6, 7, 8]), Masked(13, "text"), Fixed([9, 10]), Masked(3)])
+    params = SamplerParams(gen_length=16, steps=8)
+    state = new_state(m, canvas, params, fake_vocab())
+    assert isinstance(state, BlockCausalState)
+    while not state.done:
+        inputs = state.prepare_inputs()
+        lo, hi = state.block_bounds()
+        logits, cache = step_logits(m, inputs)
+        full = m.logits(state.ids[None, :hi])[0]
+        ref = full[lo - 1 : hi - 1] if shift else full[lo:hi]
+        if shift and inputs.start_pos + inputs.out_offset == lo:
+            got = logits[: hi - lo - 1]
+            assert torch.allclose(got, ref[1:], atol=1e-4)
+        else:
+            assert torch.allclose(logits[: hi - lo], ref, atol=1e-4)
+        state.advance(logits, cache)
+    result = state.result()
+    assert not (result.ids == MASK).any()
+    assert result.ids[:6].tolist() == [BOS, 4, 5, 6, 7, 8]
+    assert result.ids[19:21].tolist() == [9, 10]
+
+
+def test_block_causal_jobs_batched_in_one_forward_match_their_solo_runs():
+    m = tiny()
+    vocab = fake_vocab()
+    canvases = [
+        Canvas([Fixed([BOS, 4, 5]), Masked(10, "text")]),
+        Canvas([Fixed([BOS, 4, 5, 6, 7, 8, 9]), Masked(6, "text")]),
+        Canvas([Fixed([BOS]), Masked(17, "text")]),
+    ]
+    params = [SamplerParams(gen_length=c.n_masked, steps=c.n_masked, seed=i) for i, c in
+              enumerate(canvases)]  # fmt: skip
+    solo = [generate(m, c, p, vocab).ids.tolist() for c, p in zip(canvases, params, strict=True)]
+    states = [new_state(m, c, p, vocab) for c, p in zip(canvases, params, strict=True)]
+    while not all(s.done for s in states):
+        live = [s for s in states if not s.done]
+        batch = collate_inputs([s.prepare_inputs() for s in live], 0)
+        logits, cache = run_batch(m, batch)
+        for s, (row_logits, row_cache) in zip(
+            live, split_outputs(batch, logits, cache), strict=True
+        ):
+            s.advance(row_logits, row_cache)
+    assert [s.result().ids.tolist() for s in states] == solo
+
+
+def test_block_warmup_walks_the_sizes_then_stays_at_the_final_one():
+    cfg = TrainConfig(
+        objective="block_diffusion", block_size=4, block_warmup=[1, 2], block_warmup_share=0.2,
+        max_steps=100,
+    )  # fmt: skip
+    sizes = [cfg.block_size_at(s) for s in range(100)]
+    assert sizes[:10] == [1] * 10 and sizes[10:20] == [2] * 10 and set(sizes[20:]) == {4}
+    model_cfg = cfg.model_config(V, MASK)
+    assert model_cfg.attention == "block_causal" and model_cfg.token_shift
