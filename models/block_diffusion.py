@@ -18,6 +18,13 @@ position i is read from the output at i - 1: inside a block from the noisy copy,
 first position from the clean copy's last position of the previous block — at block size 1 this
 is exactly the AR model's next-token loss (a test checks it).
 
+Infill (FIM-style, as MMM moves bars to the end): a block-causal model cannot look right, so an
+infill row is *reordered* (`reorder_for_infill`): the known tokens come first, in order, then each
+gap as [anchor ; gap tokens], where the anchor is a copy of the token just before the gap. Every
+token keeps its true RoPE position (`positions`), blocks follow the new order, and with token
+shift the anchor's output predicts the gap's first token exactly as in left-to-right text. A gap
+then sees the text on both sides of it. The sampler builds the same layout for [MASK:n] gaps.
+
 Loss: sum over masked tokens of CE / t_b, divided by the number of maskable tokens (and copies):
 the NELBO per token when t ~ U(0, 1]. Training clips t to [t_min, t_max] (BD3-LM: lower gradient
 variance); evaluation uses the full range. Logits are computed only where a loss is taken.
@@ -52,6 +59,59 @@ def _layout(L: int, block_size: int, copies: int, device: str) -> tuple[Tensor, 
     mask[copies * L :, copies * L :] = upto
     positions = torch.arange(L, device=device).repeat(n)
     return positions, mask
+
+
+def gap_runs(gaps: Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in a 1-D bool tensor."""
+    if not bool(gaps.any()):
+        return []
+    g = torch.cat([gaps.new_zeros(1), gaps.to(torch.int8), gaps.new_zeros(1).to(torch.int8)])
+    edges = torch.diff(g.to(torch.int8)).nonzero().flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2], strict=True))
+
+
+def infill_order(gaps: Tensor, length: int | None = None) -> tuple[Tensor, Tensor]:
+    """The attention order of a row with gaps [T] bool (position 0 is never a gap):
+    (source position of each slot [T'], whether the slot is a gap token [T']). Known positions
+    first, then per gap its anchor (the position before it) and its positions. `length` keeps
+    the row at that many slots: the last positions of the row are dropped to make room for the
+    anchors (a training row keeps its shape)."""
+    T = gaps.numel()
+    runs = gap_runs(gaps)
+    limit = T if length is None else length - len(runs)
+    known = [i for i in range(min(T, limit)) if not bool(gaps[i])]
+    order, is_gap = list(known), [False] * len(known)
+    for start, end in runs:
+        end = min(end, limit)
+        if end <= start:
+            continue
+        order += [start - 1, *range(start, end)]
+        is_gap += [False] + [True] * (end - start)
+    if length is not None:  # runs cut away entirely: refill with the dropped known positions
+        rest = [i for i in range(limit, T) if not bool(gaps[i])]
+        order, is_gap = (order + rest)[:length], (is_gap + [False] * len(rest))[:length]
+    dev = gaps.device
+    return torch.tensor(order, dtype=torch.long, device=dev), torch.tensor(is_gap, device=dev)
+
+
+def reorder_for_infill(
+    ids: Tensor, maskable: Tensor, gaps: Tensor, rows: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training rows in infill order (see the module docstring): rows [B] bool selects the rows to
+    reorder, gaps [B, L] their gap positions. Returns (ids, maskable, positions) [B, L]; rows not
+    selected keep their order (positions 0..L-1)."""
+    B, L = ids.shape
+    positions = torch.arange(L, device=ids.device).repeat(B, 1)
+    ids, maskable = ids.clone(), maskable.clone()
+    for b in rows.nonzero().flatten().tolist():
+        row_gaps = gaps[b] & maskable[b]
+        if not bool(row_gaps.any()):
+            continue
+        order, is_gap = infill_order(row_gaps, L)
+        positions[b] = order
+        maskable[b] = maskable[b][order] & is_gap  # anchors and known tokens are never targets
+        ids[b] = ids[b][order]
+    return ids, maskable, positions
 
 
 def source_index(cols: Tensor, copy: int, copies: int, L: int, block_size: int, shift: bool):
@@ -102,8 +162,10 @@ def block_diffusion_loss(
     complementary: bool = False,
     generator: torch.Generator | None = None,
     t_fixed: float | None = None,
+    positions: Tensor | None = None,
 ) -> tuple[Tensor, LossStats]:
-    """One BD3 training/eval pass. x0 [B, L] clean ids, maskable [B, L] targets.
+    """One BD3 training/eval pass. x0 [B, L] clean ids, maskable [B, L] targets; positions [B, L]
+    the RoPE position of each slot when rows are reordered (default 0..L-1).
 
     Returns (scalar NELBO-per-token estimate, LossStats with per-row sums). `t_fixed` masks every
     block at that level (t_fixed=1: all targets masked, a deterministic loss).
@@ -118,7 +180,9 @@ def block_diffusion_loss(
         x0, maskable, block_size, t_min, t_max, complementary, generator, t_fixed
     )
     k = len(copies)
-    positions, attn = _layout(L, block_size, k, str(x0.device))
+    layout_pos, attn = _layout(L, block_size, k, str(x0.device))
+    if positions is not None:
+        layout_pos = positions.repeat(1, k + 1)  # [B, (k+1) L]: the same positions in every copy
     ids = torch.cat([torch.where(m, torch.full_like(x0, mask_id), x0) for m, _ in copies] + [x0], 1)
 
     # gather only the outputs that carry a loss: per row, a padded list of source indices
@@ -140,7 +204,7 @@ def block_diffusion_loss(
     out_index = torch.zeros(B, K, dtype=torch.long, device=x0.device)
     out_index[rows, slot] = src
 
-    logits, _ = model(ids, positions=positions, attn_mask=attn, out_index=out_index)  # [B, K, V]
+    logits, _ = model(ids, positions=layout_pos, attn_mask=attn, out_index=out_index)  # [B, K, V]
     ce = F.cross_entropy(logits[rows, slot].float(), x0[rows, cols], reduction="none")  # [N]
     row_loss = torch.zeros(B, device=ce.device, dtype=torch.float32).index_add(0, rows, ce * weight)
     row_loss = row_loss / k  # each copy is one estimate of the same NELBO

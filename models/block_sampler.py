@@ -13,6 +13,13 @@ not an approximation. The first step of a block also carries the blocks finished
 cache update (they are clean context in the same forward, attended block-causally) and adds them
 to the cache — no extra forward pass per block.
 
+Infill (gaps followed by known text): the canvas is run in *infill order*, as in training
+(models/block_diffusion.py): the known tokens first, then each gap region as [anchor ; region],
+every slot with its true RoPE position. The state then works on that reordered canvas (slots);
+events and the result are mapped back to canvas positions. Masked runs separated by at most
+`MERGE_FIXED` known tokens (MIDI structure inside a bar, a short word between two gaps) form one
+region, in which those known tokens stay as given.
+
 Token shift (a model converted from the AR one): the prediction for position i is the output at
 i - 1. For the first position of a block that output belongs to the last (clean) position of the
 previous block; it is computed in the block's first step and kept for the later steps.
@@ -26,10 +33,69 @@ import torch
 from torch import Tensor
 
 from unmask.errors import InvalidArgument
-from unmask.models.canvas import Canvas
+from unmask.models.block_diffusion import gap_runs, infill_order
+from unmask.models.canvas import Canvas, Fixed, Masked, Segment
 from unmask.models.network import KVCache
-from unmask.models.sampler import SamplerState, SamplerVocab, StepEvent, StepInputs, kv_keep
+from unmask.models.sampler import (
+    SampleResult,
+    SamplerState,
+    SamplerVocab,
+    StepEvent,
+    StepInputs,
+    kv_keep,
+)
 from unmask.models.sampler_params import SamplerParams
+
+MERGE_FIXED = 4  # known tokens between two masked runs that still join them into one gap region
+
+
+def gap_regions(masked: Tensor) -> Tensor:
+    """bool [T]: the gap regions of a canvas (masked runs, joined across short known runs)."""
+    regions = masked.clone()
+    runs = gap_runs(masked)
+    for (_, end), (start, _) in zip(runs, runs[1:], strict=False):
+        if start - end <= MERGE_FIXED:
+            regions[end:start] = True
+    return regions
+
+
+def needs_infill_order(masked: Tensor) -> bool:
+    """True when a known token follows a masked one (plain continuation runs in order)."""
+    idx = masked.nonzero().flatten()
+    return bool(idx.numel()) and bool((~masked[int(idx[0]) :]).any())
+
+
+def reorder_canvas(canvas: Canvas, mask_id: int) -> tuple[Canvas, Tensor]:
+    """The canvas in infill order: (reordered canvas, RoPE position of each of its slots [T'])."""
+    layout = canvas.layout(mask_id)
+    masked = ~layout.fixed
+    order, in_region = infill_order(gap_regions(masked))
+    segments: list[Segment] = []
+    fixed_run: list[int] = []
+    k = 0
+    while k < order.numel():
+        pos = int(order[k])
+        if bool(in_region[k]) and bool(masked[pos]):
+            if fixed_run:
+                segments.append(Fixed(fixed_run))
+                fixed_run = []
+            n = 1
+            while (
+                k + n < order.numel()
+                and bool(in_region[k + n])
+                and bool(masked[int(order[k + n])])
+                and int(order[k + n]) == pos + n
+                and layout.modality[int(order[k + n])] == layout.modality[pos]
+            ):
+                n += 1
+            segments.append(Masked(n, layout.modality[pos]))
+            k += n
+        else:
+            fixed_run.append(int(layout.ids[pos]))
+            k += 1
+    if fixed_run:
+        segments.append(Fixed(fixed_run))
+    return Canvas(segments), order
 
 
 def grid_blocks(masked_positions: Tensor, block_size: int) -> list[Tensor]:
@@ -60,6 +126,11 @@ class BlockCausalState(SamplerState):
         token_shift: bool,
         device: torch.device | str = "cpu",
     ) -> None:
+        self.original = canvas.layout(vocab.mask_id, None, device)
+        self.rope_positions: Tensor | None = None  # slot -> canvas position (infill order)
+        if needs_infill_order(~self.original.fixed):
+            canvas, order = reorder_canvas(canvas, vocab.mask_id)
+            self.rope_positions = order.to(device)
         # the parent's blocks follow params.block_length; ours follow the model's grid
         super().__init__(canvas, replace(params, block_length=None), vocab, device=device)
         self.params = params
@@ -86,6 +157,7 @@ class BlockCausalState(SamplerState):
             out_len = max(hi - 1 - out_first, 1)
         else:
             out_first, out_len = lo, hi - lo
+        rope = self.rope_positions
         inputs = StepInputs(
             self.ids[None, start:hi],
             start,
@@ -93,6 +165,7 @@ class BlockCausalState(SamplerState):
             use_cache=start < lo,  # finished blocks in the window: cache them now
             out_offset=out_first - start,
             out_len=out_len,
+            positions=rope[None, start:hi] if rope is not None else None,
         )
         self._window = (lo, hi, out_first)
         self._pending = inputs
@@ -134,7 +207,29 @@ class BlockCausalState(SamplerState):
             self.ids[None, lo:hi], lo, None, use_cache=False, out_len=hi - lo
         )
         self._window = None
-        return super().advance(block_logits)
+        event = super().advance(block_logits)
+        if self.rope_positions is None:
+            return event
+        at = self.rope_positions  # events speak of canvas positions, not slots
+        return replace(
+            event,
+            committed_positions=at[event.committed_positions],
+            tentative_positions=at[event.tentative_positions],
+            remasked_positions=at[event.remasked_positions],
+        )
+
+    def result(self) -> SampleResult:
+        res = super().result()
+        if self.rope_positions is None:
+            return res
+        # back to canvas order: every canvas position that was masked has exactly one slot
+        slots = (~self.layout.fixed).nonzero().flatten()
+        at = self.rope_positions[slots]
+        ids = self.original.ids.clone()
+        ids[at] = res.ids[slots]
+        generated = torch.zeros_like(self.original.fixed)
+        generated[at] = res.generated[slots]
+        return replace(res, ids=ids, generated=generated)
 
     def _finish_block(self) -> None:
         cache, cache_len = self.cache, self.cache_len

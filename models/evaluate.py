@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from unmask.corpus.shards import MODALITIES, DocArray, load_split
 from unmask.errors import InvalidArgument, MidiError, TokenizerError, VocabMismatch
@@ -56,6 +57,7 @@ from unmask.models import music_metrics as mm
 from unmask.models import quality as q
 from unmask.models.data import PREFIX_LEN, SpecialIds, eval_batches
 from unmask.models.generation import Generation, Generator, default_model_dir, fit_params
+from unmask.models.objective import ar_nll
 from unmask.models.sampler_params import CACHE_MODES, MODEL_DEFAULTABLE, SamplerParams
 from unmask.models.train import TrainConfig, evaluate, resolve_device
 
@@ -91,6 +93,8 @@ class EvalConfig:
     function_headers: int = 30  # code: held-out `def` headers to complete (0 = skip)
     function_gen_length: int = 96  # tokens generated after each header
     midi_reference: str = "bach"  # "bach" (the chorales of music21's corpus) | "split"
+    infill_rows: int = 16  # text/code: held-out windows with a middle gap (0 = skip)
+    infill_gap: int = 16  # gap length in tokens
     # machine
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N" | "auto"
     num_threads: int = 0  # torch CPU threads while evaluating (0 = leave as is)
@@ -111,6 +115,7 @@ class EvalConfig:
         minimum = {"batches": 1, "batch_size": 1, "t_samples": 1, "n_samples": 0}
         minimum |= {"prompt_tokens": 0, "midi_reference_docs": 0, "num_threads": 0, "seed": 0}
         minimum |= {"function_headers": 0, "function_gen_length": 1}
+        minimum |= {"infill_rows": 0, "infill_gap": 1}
         for name, lo in minimum.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
@@ -374,6 +379,64 @@ def _function_completions(
     return {"n": len(ok), "function_body_rate": q.share(ok), "examples": examples}
 
 
+def infill_windows(
+    docs: DocArray, vocab: Any, modality: str, n: int, gap: int
+) -> tuple[Tensor, Tensor]:
+    """n rows [BOS, tag, window of 4*gap content ids] with a gap in the middle: (ids, gap mask)."""
+    width = 4 * gap
+    eligible = [j for j in range(len(docs)) if len(docs[j]) >= width]
+    picked = _pick(len(docs), n, eligible) if eligible else []
+    head = [int(vocab.bos_id), int(vocab.tag_id(modality))]
+    rows = [head + [int(i) for i in docs[j][:width]] for j in picked]
+    ids = torch.tensor(rows, dtype=torch.long).reshape(len(rows), PREFIX_LEN + width)
+    gaps = torch.zeros_like(ids, dtype=torch.bool)
+    start = PREFIX_LEN + (width - gap) // 2
+    gaps[:, start : start + gap] = True
+    return ids, gaps
+
+
+@torch.no_grad()
+def gap_nll(gen: Generator, ids: Tensor, gaps: Tensor, cfg: EvalConfig) -> float:
+    """Nats per gap token: AR = exact NLL given the left context only; diffusion = NELBO given
+    both sides (block diffusion in infill order)."""
+    from unmask.models.block_diffusion import block_diffusion_loss, reorder_for_infill
+    from unmask.models.objective import nelbo
+
+    model, config = gen.model, gen.model.config
+    device = next(model.parameters()).device
+    ids, gaps = ids.to(device), gaps.to(device)
+    n = gaps.sum().clamp(min=1)
+    if config.attention == "causal":
+        return ar_nll(model, ids, gaps)[0]
+    g = torch.Generator(device=device).manual_seed(cfg.seed + 7)
+    mask_id = int(gen.vocab.mask_id)
+    if config.attention == "full":
+        return nelbo(model, ids, gaps, mask_id, samples=cfg.t_samples, eps=cfg.eps, generator=g)[0]
+    z, maskable, pos = reorder_for_infill(ids, gaps, gaps, torch.ones(len(ids), dtype=torch.bool))
+    total = 0.0
+    for _ in range(cfg.t_samples):
+        _, stats = block_diffusion_loss(
+            model, z, maskable, mask_id, block_size=config.block_size, t_min=cfg.eps, t_max=1.0,
+            generator=g, positions=pos,
+        )  # fmt: skip
+        total += float(stats.row_loss.sum())
+    return total * (1.0 - cfg.eps) / cfg.t_samples / float(n)
+
+
+def infill_keeps_fixed(gen: Generator, ids: Tensor, gaps: Tensor, modality: str, cfg) -> float:
+    """Share of [MASK:n] infills whose text before and after the gap comes back byte-identical."""
+    kept = []
+    for i in range(min(4, len(ids))):
+        row = ids[i].tolist()[PREFIX_LEN:]
+        where = gaps[i].tolist()[PREFIX_LEN:]
+        a, b = where.index(True), len(where) - where[::-1].index(True)
+        left, right = gen.vocab.decode(row[:a], modality), gen.vocab.decode(row[b:], modality)
+        params = cfg.sampler_params(i)
+        out = gen.infill(modality, f"{left}[MASK:{b - a}]{right}", params).output
+        kept.append(out.startswith(left) and out.endswith(right))
+    return sum(kept) / len(kept) if kept else 0.0
+
+
 def _prompt_notes(vocab: Any, prompt: list[int]) -> Counter:
     if not prompt:
         return Counter()
@@ -571,6 +634,16 @@ def _evaluate_model(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, An
             row["samples"] = _samples(gen, m, prompts, cfg, reference, log, "model")
             if ar_gen is not None:
                 row["ar_samples"] = _samples(ar_gen, m, prompts, cfg, reference, log, "AR")
+        if m in ("text", "code") and cfg.infill_rows:
+            ids, gaps = infill_windows(d, gen.vocab, m, cfg.infill_rows, cfg.infill_gap)
+            if len(ids):
+                row["infill"] = {"rows": len(ids), "gap": cfg.infill_gap,
+                                 "gap_nll": gap_nll(gen, ids, gaps, cfg)}  # fmt: skip
+                if ar_gen is not None:
+                    row["infill"]["ar_left_only_gap_nll"] = gap_nll(ar_gen, ids, gaps, cfg)
+                if cfg.n_samples and not gen.is_ar:
+                    row["infill"]["fixed_kept_rate"] = infill_keeps_fixed(gen, ids, gaps, m, cfg)
+                log(f"  {m} infill: gap NLL {row['infill']['gap_nll']:.3f}")
         if m == "code" and cfg.function_headers:
             headers = held_out_headers(d, gen.vocab, cfg.function_headers)
             row["functions"] = _function_completions(gen, headers, cfg, log, "model")
@@ -630,6 +703,16 @@ def quality_gates(mods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         value = ((mods.get(modality) or {}).get(where) or {}).get(key)
         gates[name] = {"value": value, "op": op, "threshold": threshold,
                        "met": _meets(value, op, threshold)}  # fmt: skip
+    for m in ("text", "code"):
+        inf = (mods.get(m) or {}).get("infill") or {}
+        ours, ar = inf.get("gap_nll"), inf.get("ar_left_only_gap_nll")
+        gates[f"infill_gap_nll_vs_ar_left_only_{m}"] = {
+            "value": ours, "op": "<=", "threshold": ar,
+            "met": _meets(ours, "<=", ar) if ours is not None and ar is not None else None,
+        }  # fmt: skip
+        kept = inf.get("fixed_kept_rate")
+        gates[f"infill_fixed_kept_{m}"] = {"value": kept, "op": ">=", "threshold": 1.0,
+                                           "met": _meets(kept, ">=", 1.0)}  # fmt: skip
     code = mods.get("code") or {}
     ours = (code.get("functions") or {}).get("function_body_rate")
     ar = (code.get("ar_functions") or {}).get("function_body_rate")

@@ -317,9 +317,10 @@ class Denoiser(nn.Module):
         out_index: LongTensor [B, K] of window offsets: return logits [B, K, V] for those only.
             The vocabulary projection is the largest matmul of this model; a sampler needs
             logits for the current block only, not for the whole canvas.
-        positions + attn_mask: explicit RoPE positions [B, T] (or [T]) and a bool mask [T, T] or
-            [B, 1, T, T] (True = may attend), for layouts that are not one canvas in order (the
-            block-diffusion training pass over noisy ⊕ clean copies). Without a past only.
+        positions: explicit RoPE positions [B, T] (or [T]) for layouts that are not one canvas in
+            order: with `attn_mask` (a bool mask [T, T] or [B, 1, T, T], True = may attend; no
+            past) for the block-diffusion training pass over noisy + clean copies; without it for
+            a reordered canvas, where `start_pos` then counts slots (blocks, cache order).
         """
         B, T = ids.shape
         if past is not None and past.batch_size != B:
@@ -332,13 +333,28 @@ class Denoiser(nn.Module):
                 field="pad_mask",
                 value=tuple(pad_mask.shape),
             )
-        if positions is not None or attn_mask is not None:
-            if positions is None or attn_mask is None or past is not None:
+        if attn_mask is not None:
+            if positions is None or past is not None:
                 raise InvalidArgument(
-                    "positions and attn_mask go together, without a past", field="attn_mask"
+                    "an explicit attn_mask needs positions and no past", field="attn_mask"
                 )
             pos = positions.expand(B, T) if positions.dim() == 1 else positions
             mask, is_causal = (attn_mask if attn_mask.dim() == 4 else attn_mask[None, None]), False
+        elif positions is not None:
+            # a reordered canvas (infill order): `start_pos` counts slots, which set the block
+            # structure and the cache order; `positions` are the true (RoPE) positions
+            start = torch.as_tensor(start_pos, device=ids.device).reshape(-1, 1)
+            slots = start + torch.arange(T, device=ids.device)[None, :]
+            pos = positions.expand(B, T) if positions.dim() == 1 else positions
+            real = pos[pad_mask] if pad_mask is not None else pos
+            if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.config.max_seq_len):
+                raise InvalidArgument(
+                    f"positions outside the model's range 0..{self.config.max_seq_len - 1}",
+                    field="positions",
+                    value=int(real.max()),
+                )
+            pos = pos.clamp(0, self.config.max_seq_len - 1)
+            mask, is_causal = self._attention_mask(pad_mask, past, slots.expand(B, T))
         else:
             pos = self._positions(start_pos, B, T, ids.device, pad_mask)
             mask, is_causal = self._attention_mask(pad_mask, past, pos)

@@ -175,6 +175,7 @@ class StepInputs:
     use_cache: bool  # return the window's K/V too (first step of a block in a cache mode)
     out_offset: int = 0  # logits are needed for window offsets [out_offset, out_offset + out_len)
     out_len: int | None = None  # None = the whole window
+    positions: Tensor | None = None  # LongTensor [1, W]: RoPE positions of a reordered canvas
 
     @property
     def width(self) -> int:
@@ -190,12 +191,14 @@ class StepInputs:
 
 def step_logits(model: torch.nn.Module, inputs: StepInputs) -> tuple[Tensor, KVCache | None]:
     """One forward pass over the job's window -> (logits [W, V], cache or None)."""
+    extra = {"positions": inputs.positions} if inputs.positions is not None else {}
     logits, cache = model(
         inputs.ids,
         start_pos=inputs.start_pos,
         past=inputs.past,
         use_cache=inputs.use_cache,
         out_index=inputs.out_index()[None],
+        **extra,
     )
     return logits[0], cache
 
@@ -213,6 +216,7 @@ class BatchInputs:
     wants_cache: tuple[bool, ...]
     out_index: Tensor | None = None  # [B, K] window offsets whose logits each job needs
     n_out: tuple[int, ...] = ()
+    positions: Tensor | None = None  # [B, W] RoPE positions (when a job's canvas is reordered)
 
 
 def collate_inputs(inputs: Sequence[StepInputs], pad_id: int) -> BatchInputs:
@@ -230,6 +234,16 @@ def collate_inputs(inputs: Sequence[StepInputs], pad_id: int) -> BatchInputs:
     out_index = torch.zeros(B, K, dtype=torch.long, device=first.device)
     for row, i in enumerate(inputs):
         out_index[row, : i.n_out] = i.out_index()
+    positions = None
+    if any(i.positions is not None for i in inputs):  # RoPE positions for every row then
+        positions = torch.zeros(B, W, dtype=torch.long, device=first.device)
+        for row, i in enumerate(inputs):
+            own = (
+                i.positions[0]
+                if i.positions is not None
+                else i.start_pos + torch.arange(i.width, device=first.device)
+            )
+            positions[row, : i.width] = own
     return BatchInputs(
         ids,
         pad_mask,
@@ -240,6 +254,7 @@ def collate_inputs(inputs: Sequence[StepInputs], pad_id: int) -> BatchInputs:
         tuple(i.use_cache for i in inputs),
         out_index,
         tuple(i.n_out for i in inputs),
+        positions,
     )
 
 
@@ -267,6 +282,7 @@ def _collate_caches(pasts: Sequence[KVCache | None]) -> KVCache | None:
 
 def run_batch(model: torch.nn.Module, batch: BatchInputs) -> tuple[Tensor, KVCache | None]:
     """One forward pass for a collated batch."""
+    extra = {"positions": batch.positions} if batch.positions is not None else {}
     return model(
         batch.ids,
         batch.pad_mask,
@@ -274,6 +290,7 @@ def run_batch(model: torch.nn.Module, batch: BatchInputs) -> tuple[Tensor, KVCac
         past=batch.past,
         use_cache=batch.use_cache,
         out_index=batch.out_index,
+        **extra,
     )
 
 

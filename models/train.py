@@ -34,7 +34,7 @@ from tqdm import tqdm
 from unmask.corpus.shards import load_split
 from unmask.errors import CheckpointError, InvalidArgument, VocabMismatch
 from unmask.models import checkpoint
-from unmask.models.block_diffusion import block_diffusion_loss, block_nelbo
+from unmask.models.block_diffusion import block_diffusion_loss, block_nelbo, reorder_for_infill
 from unmask.models.data import BatchSampler, SpecialIds, eval_batches
 from unmask.models.network import Denoiser, ModelConfig
 from unmask.models.objective import (
@@ -68,6 +68,7 @@ class TrainConfig:
     t_max: float = 0.95
     complementary: bool = False  # a second noisy copy with the complementary mask (Fast-dLLM v2)
     token_shift: bool = True  # the logit at i predicts token i + 1 (reuses an AR start's head)
+    infill_reorder: float = 1.0  # share of infill rows trained in infill order (known text first)
     d_model: int = 256  # residual stream width
     n_layers: int = 6  # Transformer blocks
     n_heads: int = 4  # attention heads
@@ -119,6 +120,7 @@ class TrainConfig:
             "block_warmup": all(1 <= b <= self.block_size for b in self.block_warmup),
             "block_warmup_share": 0.0 <= self.block_warmup_share < 1.0,
             "t_min": 0.0 < self.t_min <= self.t_max <= 1.0,
+            "infill_reorder": 0.0 <= self.infill_reorder <= 1.0,
             "schedule": self.schedule in ("cosine", "constant"),
             "autocast": self.autocast in ("auto", "bf16", "off"),
             "lr": self.lr > 0,
@@ -288,11 +290,18 @@ def batch_loss(
         keep_rows=batch.keep_structure,
     )
     if cfg.objective == "block_diffusion":
+        ids, positions = batch.ids, None
+        infill_rows = ~batch.spans.all(dim=1)
+        if cfg.infill_reorder > 0 and bool(infill_rows.any()):
+            u = torch.rand(len(batch), generator=generator, device=generator.device)
+            chosen = infill_rows & (u.to(ids.device) < cfg.infill_reorder)
+            ids, maskable, positions = reorder_for_infill(ids, maskable, batch.spans, chosen)
         return block_diffusion_loss(
             model,
-            batch.ids,
+            ids,
             maskable,
             mask_id,
+            positions=positions,
             block_size=block_size or cfg.block_size,
             t_min=cfg.t_min,
             t_max=cfg.t_max,

@@ -7,7 +7,13 @@ import pytest
 import torch
 from test_sampler import BOS, MASK, V, fake_vocab
 
-from unmask.models.block_diffusion import _layout, block_diffusion_loss, block_nelbo
+from unmask.models.block_diffusion import (
+    _layout,
+    block_diffusion_loss,
+    block_nelbo,
+    infill_order,
+    reorder_for_infill,
+)
 from unmask.models.block_sampler import BlockCausalState, grid_blocks, new_state
 from unmask.models.canvas import Canvas, Fixed, Masked
 from unmask.models.network import Denoiser, ModelConfig
@@ -98,7 +104,7 @@ def test_loss_is_computed_only_from_the_masked_tokens_and_their_clean_past():
     y = x.clone()
     y[0, 12:] = 7  # a later block
     b, _ = block_diffusion_loss(m, y, only, MASK, block_size=4, t_fixed=1.0)
-    assert abs(float(a) - float(b)) < 1e-6
+    assert abs(a.item() - b.item()) < 1e-6
 
 
 def test_grid_blocks_follow_absolute_positions():
@@ -118,7 +124,9 @@ def test_cached_block_logits_equal_a_full_forward_at_every_step(shift):
         inputs = state.prepare_inputs()
         lo, hi = state.block_bounds()
         logits, cache = step_logits(m, inputs)
-        full = m.logits(state.ids[None, :hi])[0]
+        rope = state.rope_positions
+        assert rope is not None  # known text after a gap: the canvas runs in infill order
+        full = m(state.ids[None, :hi], positions=rope[None, :hi])[0][0]
         ref = full[lo - 1 : hi - 1] if shift else full[lo:hi]
         if shift and inputs.start_pos + inputs.out_offset == lo:
             got = logits[: hi - lo - 1]
@@ -139,6 +147,7 @@ def test_block_causal_jobs_batched_in_one_forward_match_their_solo_runs():
         Canvas([Fixed([BOS, 4, 5]), Masked(10, "text")]),
         Canvas([Fixed([BOS, 4, 5, 6, 7, 8, 9]), Masked(6, "text")]),
         Canvas([Fixed([BOS]), Masked(17, "text")]),
+        Canvas([Fixed([BOS, 4, 5]), Masked(5, "text"), Fixed([7, 8, 9]), Masked(3, "text")]),
     ]
     params = [SamplerParams(gen_length=c.n_masked, steps=c.n_masked, seed=i) for i, c in
               enumerate(canvases)]  # fmt: skip
@@ -164,3 +173,64 @@ def test_block_warmup_walks_the_sizes_then_stays_at_the_final_one():
     assert sizes[:10] == [1] * 10 and sizes[10:20] == [2] * 10 and set(sizes[20:]) == {4}
     model_cfg = cfg.model_config(V, MASK)
     assert model_cfg.attention == "block_causal" and model_cfg.token_shift
+
+
+def test_infill_order_puts_known_tokens_first_then_anchor_and_gap():
+    gaps = torch.zeros(10, dtype=torch.bool)
+    gaps[3:5] = True
+    gaps[7:8] = True
+    order, is_gap = infill_order(gaps)
+    assert order.tolist() == [0, 1, 2, 5, 6, 8, 9, 2, 3, 4, 6, 7]
+    assert is_gap.tolist() == [False] * 7 + [False, True, True, False, True]
+    order, is_gap = infill_order(gaps, length=10)  # a training row keeps its length
+    assert len(order) == 10 and sorted(set(order[is_gap].tolist())) == [3, 4, 7]
+
+
+def test_a_reordered_gap_sees_the_text_on_its_right():
+    m = tiny()
+    x, targets = rows(1, 16)
+    gaps = torch.zeros_like(targets)
+    gaps[0, 5:8] = True
+    ids, maskable, positions = reorder_for_infill(x, targets, gaps, torch.tensor([True]))
+    assert maskable.sum() == 3 and sorted(positions[0][maskable[0]].tolist()) == [5, 6, 7]
+    a, _ = block_diffusion_loss(m, ids, maskable, MASK, block_size=4, t_fixed=1.0,
+                                positions=positions)  # fmt: skip
+    y = x.clone()
+    y[0, 12] = 9  # a token right of the gap
+    ids2, maskable2, positions2 = reorder_for_infill(y, targets, gaps, torch.tensor([True]))
+    b, _ = block_diffusion_loss(m, ids2, maskable2, MASK, block_size=4, t_fixed=1.0,
+                                positions=positions2)  # fmt: skip
+    assert abs(a.item() - b.item()) > 1e-6  # the gap's loss depends on its right context
+
+
+def test_infill_gaps_see_their_right_context_and_fixed_text_stays():
+    m = tiny()
+    vocab = fake_vocab()
+    right_a, right_b = [9, 10, 11, 12, 13], [20, 21, 22, 23, 24]
+    params = SamplerParams(gen_length=4, steps=4)
+    outs = []
+    for right in (right_a, right_b):
+        canvas = Canvas([Fixed([BOS, 4, 5, 6]), Masked(4, "text"), Fixed(right)])
+        res = generate(m, canvas, params, vocab)
+        ids = res.ids.tolist()
+        assert ids[:4] == [BOS, 4, 5, 6] and ids[8:] == right  # fixed text byte-identical
+        assert res.generated.tolist() == [False] * 4 + [True] * 4 + [False] * 5
+        outs.append(ids[4:8])
+    # random weights: the gap's tokens depend on the text after it (left-only would not)
+    logits_a = _gap_logits(m, right_a)
+    logits_b = _gap_logits(m, right_b)
+    assert not torch.allclose(logits_a, logits_b)
+
+
+def _gap_logits(m, right):
+    canvas = Canvas([Fixed([BOS, 4, 5, 6]), Masked(4, "text"), Fixed(right)])
+    state = new_state(m, canvas, SamplerParams(gen_length=4, steps=4), fake_vocab())
+    logits, _ = step_logits(m, state.prepare_inputs())
+    return logits
+
+
+def test_gap_regions_join_masked_runs_across_short_known_runs():
+    from unmask.models.block_sampler import gap_regions
+
+    masked = torch.tensor([0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
+    assert gap_regions(masked).tolist() == [bool(x) for x in [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1]]
