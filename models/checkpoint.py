@@ -183,10 +183,19 @@ def model_card(model: Denoiser, vocab: Any, config: dict) -> str:
         eval_text = "No evaluation recorded."
     tokens = training.get("tokens_seen")
     wall = training.get("wall_time_s")
-    objective = (
-        "autoregressive baseline (next-token prediction, causal attention)"
-        if ar
-        else "discrete masked diffusion (absorbing MASK state, bidirectional attention)"
+    objective = {
+        "ar": "autoregressive baseline (next-token prediction, causal attention)",
+        "block_diffusion": "block diffusion (masked diffusion inside blocks of "
+        f"{model.config.block_size}, block-causal attention, exact KV cache)",
+    }.get(
+        config.get("objective", ""),
+        "discrete masked diffusion (absorbing MASK state, bidirectional attention)",
+    )
+    defaults = config.get("sampler_defaults") or {}
+    defaults_text = (
+        "\n".join(f"- {m}: `{json.dumps(d, sort_keys=True)}`" for m, d in sorted(defaults.items()))
+        if defaults
+        else "None recorded: SamplerParams' own defaults apply."
     )
     return f"""# {config.get("name", "unmask model")}
 
@@ -212,6 +221,12 @@ One {objective} model for text, code and MIDI over a unified vocabulary.
 - Optimizer steps: {training.get("steps", "not recorded")}
 - Hardware: {training.get("hardware", "not recorded")}
 - Wall time: {_fmt_duration(wall) if isinstance(wall, int | float) else "not recorded"}
+
+## Sampler defaults (config.json `sampler_defaults`)
+
+A request's unset knobs take these, per modality (CLI, gRPC, batch jobs and the Engine alike):
+
+{defaults_text}
 
 ## Evaluation
 

@@ -87,6 +87,7 @@ class EvalConfig:
     threshold: float | None = None  # confidence-threshold parallel decoding
     temperature: float | None = None  # 0 = greedy
     top_p: float | None = None  # nucleus sampling
+    position_score: str | None = None  # probability | margin | entropy | left_to_right
     use_cache: str | None = None  # "none" | "prefix" | "dual"
     seed: int = 0  # generation i uses seed + i; the NELBO noise is seeded from it too
     midi_reference_docs: int = 30  # held-out MIDI documents pooled for the histograms
@@ -132,6 +133,7 @@ class EvalConfig:
             "threshold": self.threshold,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "position_score": self.position_score,
             "use_cache": self.use_cache,
         }
         given = {k: v for k, v in knobs.items() if v is not None}
@@ -864,6 +866,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     a("--threshold", type=float, default=d.threshold, help="parallel-decoding threshold")
     a("--temperature", type=float, default=d.temperature, help="default: the model's")
     a("--top-p", type=float, default=d.top_p, help="default: the model's")
+    a("--position-score", default=d.position_score, help="default: the model's")
     a("--use-cache", default=d.use_cache, choices=CACHE_MODES, help="default: the model's")
     a("--seed", type=int, default=d.seed, help=f"({d.seed})")
     a("--midi-reference-docs", type=int, default=d.midi_reference_docs)

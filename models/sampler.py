@@ -477,6 +477,17 @@ def select_commits(scores: Tensor, count: int, threshold: float | None = None) -
     return order[:k].sort().values
 
 
+def select_leftmost(scores: Tensor, count: int, threshold: float | None = None) -> Tensor:
+    """Indices of the leftmost rows to commit: `count` of them, extended while the next row's
+    score reaches `threshold`; at least one when there is any row. Rows are in canvas order."""
+    n = scores.numel()
+    k = min(max(count, 1), n)
+    if threshold is not None:
+        while k < n and float(scores[k]) >= threshold:
+            k += 1
+    return torch.arange(k, device=scores.device)
+
+
 def select_remask(confidence: Tensor, threshold: float, budget: int) -> Tensor:
     """Indices of committed rows to re-open: below `threshold`, least confident first, <= budget."""
     if budget <= 0 or confidence.numel() == 0:
@@ -659,12 +670,16 @@ class SamplerState:
         open_pos = block_pos[is_open]
         open_logits = self._constrained(logits, open_pos, first, tables)
         tokens = sample_tokens(open_logits, p.temperature, p.top_k, p.top_p, self.generator)
-        conf = score_positions(open_logits, tokens, p.position_score)
+        in_order = p.position_score == "left_to_right"
+        conf = score_positions(open_logits, tokens, "probability" if in_order else p.position_score)
 
         steps_left = self.block_steps[self.block] - self.block_step
         last_step = p.max_steps is not None and self.step + 1 >= p.max_steps
         count = open_pos.numel() if last_step else planned_commits(open_pos.numel(), steps_left)
-        chosen = select_commits(conf, count, p.threshold)
+        if in_order:
+            chosen = select_leftmost(conf, count, p.threshold)
+        else:
+            chosen = select_commits(conf, count, p.threshold)
         commit_pos = open_pos[chosen]
         self.ids[commit_pos] = tokens[chosen]
         self.masked[commit_pos] = False

@@ -20,7 +20,7 @@ MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 1_000_000
 MAX_SEED = 2**63 - 1
 
-POSITION_SCORES = ("probability", "margin", "entropy")
+POSITION_SCORES = ("probability", "margin", "entropy", "left_to_right")
 # knobs a model may choose for the caller: its config's `sampler_defaults` per modality fill the
 # fields a request left unset (`SamplerParams.unset`); "tokens_per_step" sets `steps`
 MODEL_DEFAULTABLE = (
@@ -101,7 +101,10 @@ class SamplerParams(_DictMixin):
     threshold:        commit every position whose confidence >= threshold (at least one, and at
                       least what keeps the run within `steps`); None = fixed schedule.
     position_score:   confidence used to rank positions: probability of the sampled token,
-                      top1-top2 probability margin, or exp(-entropy). All lie in [0, 1].
+                      top1-top2 probability margin, or exp(-entropy) (all in [0, 1]); or
+                      "left_to_right": commit the leftmost open positions of the block (with a
+                      threshold: also each next one whose probability reaches it), which avoids
+                      the trivial-token bias of confidence-first order in a weak model.
     temperature:      0 = greedy (argmax); > 0 = Gumbel-max sampling at that temperature.
     top_k, top_p:     nucleus/top-k filtering before sampling; 0 / 1.0 = off.
     remask_budget:    how many committed tokens may be re-opened over the whole run.

@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("--name", default=None)
     ap.add_argument("--corpus", default="data/corpus", help="for the sources and licences")
     ap.add_argument("--note", default="", help="text for the limitations section")
+    ap.add_argument("--note-file", default=None, help="markdown file appended to the card")
+    ap.add_argument("--sampler-defaults", default=None, help="JSON file: modality -> knobs")
     args = ap.parse_args()
     model, vocab, meta = checkpoint.load(args.src)
     meta = {k: v for k, v in meta.items() if k not in ("format_version", "model", "parameters",
@@ -43,6 +45,11 @@ def main() -> None:
             "licensed for non-commercial research use only: so is this model's MIDI side."
         )
     notes = args.note + "\n" if args.note else ""
+    if args.note_file:
+        notes += Path(args.note_file).read_text() + "\n"
+    if args.sampler_defaults:
+        meta["sampler_defaults"] = json.loads(Path(args.sampler_defaults).read_text())
+    meta["notes"] = notes
     if args.eval:
         report = json.loads(Path(args.eval).read_text())
         meta["notes"] = notes + (

@@ -234,3 +234,17 @@ def test_gap_regions_join_masked_runs_across_short_known_runs():
 
     masked = torch.tensor([0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
     assert gap_regions(masked).tolist() == [bool(x) for x in [0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1]]
+
+
+def test_left_to_right_commits_the_leftmost_open_positions_of_the_block():
+    from unmask.models.sampler import select_leftmost
+
+    scores = torch.tensor([0.2, 0.95, 0.99, 0.1])
+    assert select_leftmost(scores, 1).tolist() == [0]
+    assert select_leftmost(scores, 1, threshold=0.9).tolist() == [0, 1, 2]
+    m = tiny()
+    canvas = Canvas([Fixed([BOS, 4]), Masked(10, "text")])
+    params = SamplerParams(gen_length=10, steps=10, position_score="left_to_right")
+    events = []
+    generate(m, canvas, params, fake_vocab(), on_step=events.append)
+    assert [e.committed_positions.tolist() for e in events] == [[i] for i in range(2, 12)]

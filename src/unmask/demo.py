@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unmask.demo", description=__doc__)
     parser.add_argument("--out", default="out", help="directory for the outputs (default: out)")
     parser.add_argument("--model", default="", help="model directory (default: shipped)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    parser.add_argument("--samples", type=int, default=3, help="samples per modality (3)")
     args = parser.parse_args(argv)
 
     from unmask.client import Client
@@ -33,39 +34,58 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env().with_overrides(model=args.model or None, broker_url="")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    knobs = dict(gen_length=128, steps=32, block_length=32, cache="prefix", temperature=0.8,
-                 top_p=0.95, seed=args.seed)  # fmt: skip
+    seeds = range(args.seed, args.seed + args.samples)
+    # only the length and the seed: every other sampler knob is the model's own default for the
+    # modality (its config's sampler_defaults, chosen by measurement; see the model card)
     with ServerThread(settings) as server, Client(f"127.0.0.1:{server.port}") as client:
         print(
             f"embedded server on 127.0.0.1:{server.port} ready in {time.perf_counter() - t0:.1f}s"
         )
-        calls = {
-            "text": lambda: client.generate(PROMPTS["text"], modality="text", **knobs),
-            "code": lambda: client.generate(PROMPTS["code"], modality="code", **knobs),
-            "midi": lambda: client.midi(time_signature="4/4", programs=[73], n_bars=8,
-                                        gen_length=256, steps=64, block_length=64,
-                                        cache="prefix", temperature=0.9, seed=args.seed),
-        }  # fmt: skip
+        calls = {}
+        for seed in seeds:
+            calls[("text", seed)] = lambda s=seed: client.generate(
+                PROMPTS["text"], modality="text", gen_length=128, seed=s
+            )
+            calls[("code", seed)] = lambda s=seed: client.generate(
+                PROMPTS["code"], modality="code", gen_length=128, seed=s
+            )
+            calls[("midi", seed)] = lambda s=seed: client.midi(
+                time_signature="4/4", programs=[73], n_bars=8, gen_length=256, seed=s
+            )
         # concurrent calls: the server's Engine batches their denoising steps together
         with ThreadPoolExecutor(len(calls)) as pool:
-            futures = {name: pool.submit(call) for name, call in calls.items()}
+            futures = {key: pool.submit(call) for key, call in calls.items()}
         failed = False
-        for name, fut in futures.items():
+        for (name, seed), fut in futures.items():
             try:
                 gen = fut.result()
             except UnmaskError as exc:
-                print(f"{name}: failed: {exc}")
+                print(f"{name} (seed {seed}): failed: {exc}")
                 failed = True
                 continue
-            path = out / {"text": "sample.txt", "code": "sample.py", "midi": "sample.mid"}[name]
+            stem = "sample" if seed == args.seed else f"sample-seed{seed}"
+            suffix = {"text": ".txt", "code": ".py", "midi": ".mid"}[name]
+            path = out / (stem + suffix)
             if name == "midi":
                 path.write_bytes(gen.midi)
+                notes = _describe_midi(gen.midi)
+                print(f"--- midi, seed {seed} ---\n{notes}\n")
             else:
                 path.write_text(gen.text, encoding="utf-8")
-                print(f"--- {name} ---\n{gen.text}\n")
-            print(f"{name}: wrote {path}  usage={json.dumps(gen.usage)}")
+                print(f"--- {name}, seed {seed} ---\n{gen.text}\n")
+            print(f"{name} (seed {seed}): wrote {path}  usage={json.dumps(gen.usage)}\n")
     print(f"done in {time.perf_counter() - t0:.1f}s; outputs in {out.resolve()}")
     return 1 if failed else 0
+
+
+def _describe_midi(data: bytes) -> str:
+    """The first notes of a MIDI file as names (C4, E4, ...), so the demo shows the music."""
+    from unmask.models.music_metrics import read_notes
+
+    names = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+    notes = sorted(read_notes(data), key=lambda n: (n.start, n.track))
+    shown = " ".join(f"{names[n.pitch % 12]}{n.pitch // 12 - 1}/{n.beats:g}" for n in notes[:32])
+    return f"{len(notes)} notes (pitch/beats): {shown}{' ...' if len(notes) > 32 else ''}"
 
 
 if __name__ == "__main__":
