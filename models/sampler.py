@@ -681,6 +681,15 @@ class SamplerState:
         else:
             chosen = select_commits(conf, count, p.threshold)
         commit_pos = open_pos[chosen]
+        if in_order and p.grammar and chosen.numel() > 1:
+            # commit left to right, each token re-drawn under the grammar given the one just
+            # committed on its left (parallel commits would not see each other)
+            for i in chosen.tolist():
+                pos = open_pos[i : i + 1]
+                row = self._constrained(logits, pos, first, tables)
+                tokens[i] = sample_tokens(row, p.temperature, p.top_k, p.top_p, self.generator)[0]
+                self.ids[pos] = tokens[i]
+                self.masked[pos] = False
         self.ids[commit_pos] = tokens[chosen]
         self.masked[commit_pos] = False
 

@@ -24,8 +24,15 @@ case "${1:-}" in
     "$PY" -m unmask train --config configs/stage1-ar.json --out runs/stage1-ar --export-only --quiet
     nohup "$PY" -m unmask train --config configs/stage2-bd.json --out runs/stage2-bd --quiet \
       > runs/stage2-bd.log 2>&1 &
+    bd=$!
     nohup "$PY" -m unmask train --config configs/stage2-ar.json --out runs/stage2-ar --quiet \
       > runs/stage2-ar.log 2>&1 &
+    ar=$!
+    # the AR run is cheaper and ends first: then the block-diffusion run resumes on both cores
+    nohup bash -c "while kill -0 $ar 2>/dev/null; do sleep 20; done
+      kill $bd 2>/dev/null; sleep 5
+      exec $PY -m unmask train --config configs/stage2-bd.json --out runs/stage2-bd --quiet \
+        --num-threads 2" >> runs/stage2-bd.log 2>&1 &
     echo "stage 2 started: runs/stage2-bd, runs/stage2-ar" ;;
   *)
     echo "usage: $0 stage1|stage2" >&2; exit 2 ;;

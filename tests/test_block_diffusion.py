@@ -3,6 +3,8 @@ on tiny random models."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_sampler import BOS, MASK, V, fake_vocab
@@ -248,3 +250,14 @@ def test_left_to_right_commits_the_leftmost_open_positions_of_the_block():
     events = []
     generate(m, canvas, params, fake_vocab(), on_step=events.append)
     assert [e.committed_positions.tolist() for e in events] == [[i] for i in range(2, 12)]
+
+
+def test_left_to_right_parallel_commits_keep_the_midi_grammar():
+    from test_sampler import grammar_errors
+
+    m = tiny(seed=3)
+    canvas = Canvas([Fixed([BOS, 40]), Masked(18, "midi")])
+    params = SamplerParams(gen_length=18, steps=6, position_score="left_to_right", temperature=1.0)
+    for seed in range(3):
+        res = generate(m, canvas, replace(params, seed=seed), fake_vocab())
+        assert grammar_errors(res.ids[1:].tolist()) == 0
