@@ -182,6 +182,13 @@ def model_card(model: Denoiser, vocab: Any, config: dict) -> str:
     else:
         eval_text = "No evaluation recorded."
     tokens = training.get("tokens_seen")
+    before = training.get("tokens_before") or 0
+    before_text = (
+        f" in this run, after {before:,} seen by the weights it started from "
+        f"({tokens + before:,} in all)"
+        if before and isinstance(tokens, int)
+        else ""
+    )
     wall = training.get("wall_time_s")
     objective = {
         "ar": "autoregressive baseline (next-token prediction, causal attention)",
@@ -217,7 +224,7 @@ One {objective} model for text, code and MIDI over a unified vocabulary.
 
 ## Training
 
-- Tokens seen: {f"{tokens:,}" if isinstance(tokens, int) else "not recorded"}
+- Tokens seen: {f"{tokens:,}" if isinstance(tokens, int) else "not recorded"}{before_text}
 - Optimizer steps: {training.get("steps", "not recorded")}
 - Hardware: {training.get("hardware", "not recorded")}
 - Wall time: {_fmt_duration(wall) if isinstance(wall, int | float) else "not recorded"}

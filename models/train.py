@@ -391,6 +391,18 @@ def initial_weights(path: str | Path, model_cfg: ModelConfig) -> dict[str, torch
     return {k: v.float() for k, v in weights.items()}
 
 
+def tokens_before(path: str | Path) -> int:
+    """Tokens the weights at `path` had seen before this run (their own run and its ancestors)."""
+    config = Path(path) / checkpoint.CONFIG
+    if not config.exists():
+        return 0
+    try:
+        training = json.loads(config.read_text()).get("training", {})
+    except json.JSONDecodeError:
+        return 0
+    return int(training.get("tokens_seen", 0)) + int(training.get("tokens_before", 0))
+
+
 def _data_summary(corpus: Path, train_docs: dict) -> str:
     lines = [
         f"- {m}: {len(d):,} documents, {d.n_tokens:,} tokens (train split)"
@@ -593,6 +605,7 @@ def _train(cfg: TrainConfig, vocab: Any, progress: bool, stop_at: int | None) ->
             "steps": step,
             "finished": step >= total,
             "tokens_seen": tokens_seen,
+            "tokens_before": tokens_before(cfg.init_from) if cfg.init_from else 0,
             "wall_time_s": round(wall_before + time.time() - t_start, 1),
             "hardware": _hardware(device),
         },
