@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(len(calls)) as pool:
             futures = {key: pool.submit(call) for key, call in calls.items()}
         failed = False
+        midi_notes = []
         for (name, seed), fut in futures.items():
             try:
                 gen = fut.result()
@@ -69,11 +70,14 @@ def main(argv: list[str] | None = None) -> int:
             if name == "midi":
                 path.write_bytes(gen.midi)
                 notes = _describe_midi(gen.midi)
+                midi_notes.append(f"seed {seed}: {notes}")
                 print(f"--- midi, seed {seed} ---\n{notes}\n")
             else:
                 path.write_text(gen.text, encoding="utf-8")
                 print(f"--- {name}, seed {seed} ---\n{gen.text}\n")
             print(f"{name} (seed {seed}): wrote {path}  usage={json.dumps(gen.usage)}\n")
+        if midi_notes:
+            (out / "midi-notes.txt").write_text("\n".join(midi_notes) + "\n")
     print(f"done in {time.perf_counter() - t0:.1f}s; outputs in {out.resolve()}")
     return 1 if failed else 0
 

@@ -1,0 +1,129 @@
+"""Markdown for the shipped model card (and README) from the measured JSON files: the recipe,
+training throughput, the quality gates, the sampler sweep and three unedited samples per
+modality. Everything it prints comes from a file written by a benchmark or `unmask eval`.
+
+    python scripts/card_notes.py --eval docs/eval.json --sweep bench/results/sampler_sweep.json \
+        --speed bench/results/train_speed.json --samples out/ > notes.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _f(v, fmt=".3f") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return format(v, fmt)
+    return str(v)
+
+
+def gates_table(report: dict) -> str:
+    rows = ["| gate | measured | target | met |", "|---|---|---|---|"]
+    for name, g in report.get("gates", {}).items():
+        met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
+        rows.append(f"| {name} | {_f(g['value'])} | {g['op']} {_f(g['threshold'])} | {met} |")
+    return "\n".join(rows)
+
+
+def likelihood_table(report: dict) -> str:
+    rows = [
+        "| modality | NELBO (nats/token) | AR NLL | ratio |",
+        "|---|---|---|---|",
+    ]
+    for m, r in report.get("modalities", {}).items():
+        nat, ar = r.get("nelbo_per_token"), r.get("ar_nll_per_token")
+        ratio = nat / ar if nat and ar else None
+        rows.append(f"| {m} | {_f(nat)} | {_f(ar)} | {_f(ratio)} |")
+    return "\n".join(rows)
+
+
+def speed_table(speed: dict) -> str:
+    rows = [
+        f"CPU: {speed['cpu']}, {speed['threads']} thread(s), torch {speed['torch']}, "
+        f"{speed['model']} (`python bench/train_speed.py`):",
+        "",
+        "| objective / precision | tokens/s | × the previous recipe |",
+        "|---|---|---|",
+    ]
+    rows += [f"| {r['row']} | {r['tok_s']:,.0f} | {r['vs_before']:.2f} |" for r in speed["results"]]
+    return "\n".join(rows)
+
+
+def sweep_table(rows: list[dict]) -> str:
+    keys = sorted({k for r in rows for k in r} - {"modality", "seconds"})
+    lead = ["position_score", "tokens_per_step", "temperature", "top_p"]
+    keys = lead + [k for k in keys if k not in lead]
+    out = []
+    for modality in dict.fromkeys(r["modality"] for r in rows):
+        sub = [r for r in rows if r["modality"] == modality]
+        cols = [k for k in keys if any(k in r for r in sub)]
+        out += [f"**{modality}**", "", "| " + " | ".join(cols) + " |",
+                "|" + "---|" * len(cols)]  # fmt: skip
+        out += ["| " + " | ".join(_f(r.get(k), ".2f") for k in cols) + " |" for r in sub]
+        out.append("")
+    return "\n".join(out)
+
+
+def samples_text(directory: Path) -> str:
+    out = []
+    for name, suffix in (("text", ".txt"), ("code", ".py")):
+        for seed, stem in enumerate(["sample", "sample-seed1", "sample-seed2"]):
+            p = directory / (stem + suffix)
+            if p.exists():
+                fence = "python" if name == "code" else "text"
+                out += [
+                    f"{name}, seed {seed}:",
+                    "",
+                    f"```{fence}",
+                    p.read_text().rstrip(),
+                    "```",
+                    "",
+                ]
+    notes = directory / "midi-notes.txt"
+    if notes.exists():
+        out += ["MIDI (first notes of each file, pitch/beats):", "", "```",
+                notes.read_text().rstrip(), "```", ""]  # fmt: skip
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--eval", required=True)
+    ap.add_argument("--sweep", default=None)
+    ap.add_argument("--speed", default=None)
+    ap.add_argument("--samples", default=None, help="directory written by `make demo`")
+    ap.add_argument("--recipe", default=None, help="markdown file describing the training")
+    args = ap.parse_args()
+    report = json.loads(Path(args.eval).read_text())
+    parts = []
+    if args.recipe:
+        parts += [Path(args.recipe).read_text().rstrip(), ""]
+    parts += ["## Quality gates (held-out test split, default settings, `unmask eval`)", "",
+              likelihood_table(report), "", gates_table(report), ""]  # fmt: skip
+    if args.speed and Path(args.speed).exists():
+        parts += [
+            "## Training throughput",
+            "",
+            speed_table(json.loads(Path(args.speed).read_text())),
+            "",
+        ]
+    if args.sweep and Path(args.sweep).exists():
+        parts += ["## Sampler sweep (validation split; `bench/sampler_sweep.py`)", "",
+                  sweep_table(json.loads(Path(args.sweep).read_text())), ""]  # fmt: skip
+    if args.samples:
+        parts += [
+            "## Unedited samples (`make demo`, seeds 0–2)",
+            "",
+            samples_text(Path(args.samples)),
+        ]
+    print("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
