@@ -33,8 +33,15 @@ def settings(quick: bool) -> list[dict]:
     scores = ["left_to_right", "probability"]
     tps = [1, 2]
     temps = [(0.0, 1.0), (0.8, 0.9), (1.0, 0.9)]
-    if quick:
-        scores, tps, temps = ["left_to_right"], [1, 2], [(0.0, 1.0), (0.8, 0.9)]
+    if quick:  # the settings that matter most, one change at a time from (ltr, 1, 0.8, 0.9)
+        return [
+            {"position_score": s, "tokens_per_step": k, "temperature": t, "top_p": p}
+            for s, k, t, p in [
+                ("left_to_right", 1, 0.0, 1.0), ("left_to_right", 1, 0.8, 0.9),
+                ("left_to_right", 1, 1.0, 0.9), ("left_to_right", 2, 0.8, 0.9),
+                ("probability", 1, 0.8, 0.9),
+            ]
+        ]  # fmt: skip
     return [
         {"position_score": s, "tokens_per_step": k, "temperature": t, "top_p": p}
         for s, k, (t, p) in itertools.product(scores, tps, temps)
