@@ -76,7 +76,7 @@ def samples_text(directory: Path) -> str:
         for seed, stem in enumerate(["sample", "sample-seed1", "sample-seed2"]):
             p = directory / (stem + suffix)
             if p.exists():
-                fence = "python" if name == "code" else "text"
+                fence = "text"  # unedited output: no formatter may touch it
                 out += [
                     f"{name}, seed {seed}:",
                     "",

@@ -12,9 +12,27 @@
 # Every run resumes from runs/<name>/train_state when started again. Usage:
 #   scripts/train_default.sh stage1      # in the background: nohup ... &
 #   scripts/train_default.sh stage2      # after stopping stage 1
+#   scripts/train_default.sh stage3      # continue both shipped models on new batches (seed 13)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+
+# Start runs/<stage>-bd and runs/<stage>-ar side by side, one core each; the AR run is cheaper and
+# ends first, then the block-diffusion run resumes on both cores.
+run_pair() {
+  local stage=$1
+  nohup nice -n 5 "$PY" -m unmask train --config "configs/$stage-bd.json" --out "runs/$stage-bd" \
+    --quiet > "runs/$stage-bd.log" 2>&1 &
+  local bd=$!
+  nohup nice -n 5 "$PY" -m unmask train --config "configs/$stage-ar.json" --out "runs/$stage-ar" \
+    --quiet > "runs/$stage-ar.log" 2>&1 &
+  local ar=$!
+  nohup bash -c "while kill -0 $ar 2>/dev/null; do sleep 20; done
+    kill $bd 2>/dev/null; sleep 5
+    exec nice -n 5 $PY -m unmask train --config configs/$stage-bd.json --out runs/$stage-bd \
+      --quiet --num-threads 2" >> "runs/$stage-bd.log" 2>&1 &
+  echo "$stage started: runs/$stage-bd, runs/$stage-ar"
+}
 
 case "${1:-}" in
   stage1)
@@ -22,18 +40,10 @@ case "${1:-}" in
   stage2)
     # freeze stage 1 as a model directory: both stage-2 runs start from exactly these weights
     "$PY" -m unmask train --config configs/stage1-ar.json --out runs/stage1-ar --export-only --quiet
-    nohup "$PY" -m unmask train --config configs/stage2-bd.json --out runs/stage2-bd --quiet \
-      > runs/stage2-bd.log 2>&1 &
-    bd=$!
-    nohup "$PY" -m unmask train --config configs/stage2-ar.json --out runs/stage2-ar --quiet \
-      > runs/stage2-ar.log 2>&1 &
-    ar=$!
-    # the AR run is cheaper and ends first: then the block-diffusion run resumes on both cores
-    nohup bash -c "while kill -0 $ar 2>/dev/null; do sleep 20; done
-      kill $bd 2>/dev/null; sleep 5
-      exec $PY -m unmask train --config configs/stage2-bd.json --out runs/stage2-bd --quiet \
-        --num-threads 2" >> runs/stage2-bd.log 2>&1 &
-    echo "stage 2 started: runs/stage2-bd, runs/stage2-ar" ;;
+    run_pair stage2 ;;
+  stage3)
+    # a further cosine cycle (5e-4 -> 5e-5) for both shipped models, again on identical batches
+    run_pair stage3 ;;
   *)
-    echo "usage: $0 stage1|stage2" >&2; exit 2 ;;
+    echo "usage: $0 stage1|stage2|stage3" >&2; exit 2 ;;
 esac
