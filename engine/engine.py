@@ -6,6 +6,13 @@ padding masked both ways) → let each job's sampler commit/remask → publish e
 finished jobs. Jobs join and leave between steps (continuous batching at the step level).
 The autoregressive baseline has no canvas to batch; its jobs run one at a time in the loop.
 
+One bad job never takes the others down: every job's part of a turn (admission, its cancel
+check, its step, its retirement) runs in its own `try`, and when the batched forward pass fails
+each job is run alone to find the culprit(s), which fail; the rest go on. A job that fails on an
+untyped exception is a bug: its traceback is logged and the front end reports INTERNAL. If the
+loop thread dies anyway (a bug outside any job), a watchdog thread restarts it; `healthy` is
+False meanwhile, and queued and active jobs carry on after the restart.
+
 The Engine knows nothing of Celery, Redis or gRPC: `submit()` returns a `JobHandle` with an
 event iterator, the final result and `cancel()`; the worker and the local dispatcher wrap it.
 """
@@ -17,7 +24,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +34,11 @@ from unmask.engine.request import GenerationRequest
 from unmask.errors import UnmaskError
 from unmask.models.block_sampler import new_state
 from unmask.models.generation import Generation, Generator, Prepared
+from unmask.models.network import KVCache
 from unmask.models.sampler import (
     SamplerState,
     StepEvent,
+    StepInputs,
     collate_inputs,
     run_batch,
     split_outputs,
@@ -40,6 +49,13 @@ log = logging.getLogger("unmask.engine")
 
 # Terminal statuses of a job (the service maps them to gRPC codes).
 SUCCEEDED, FAILED, CANCELLED, DEADLINE = "succeeded", "failed", "cancelled", "deadline_exceeded"
+
+RESTART_DELAY_S = 0.1  # the watchdog waits this long before restarting a dead loop thread...
+MAX_RESTART_DELAY_S = 2.0  # ...doubling with each death in a row, up to this
+# After this many deaths in a row (no whole turn between them) the active jobs are failed: one of
+# them may be what kills the loop, and a job must not keep the Engine down forever.
+CRASH_LOOP_DEATHS = 3
+WATCH_INTERVAL_S = 0.5  # how often the watchdog looks up from the thread it guards for close()
 
 
 class QueueFull(UnmaskError):
@@ -99,13 +115,15 @@ class JobHandle:
         self._events.put(event)
 
     def _resolve(self, result: JobResult) -> None:
+        if self._done.is_set():  # the first outcome stands (a retirement that raised half-way)
+            return
         self._result = result
         self._emit({"type": "final", **result.to_dict()})
         self._events.put(None)
         self._done.set()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Active:
     handle: JobHandle
     job: Prepared
@@ -122,32 +140,47 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 1024,
         batching: bool = True,
+        restart_delay_s: float = RESTART_DELAY_S,
     ) -> None:
         self.generator = generator
         self.max_batch = max_batch if batching else 1
         self.max_queue = max_queue
+        self.restart_delay_s = restart_delay_s
         self._queue: deque[tuple[JobHandle, Callable[[], bool] | None]] = deque()
-        self._active: list[_Active] = []
+        self._active: list[_Active] = []  # touched by the loop thread only (or while it is dead)
         self._lock = threading.Condition()
         self._stop = False
-        self._thread: threading.Thread | None = None
-        self.forward_passes = 0  # batched forwards (one per engine step)
+        self._closing = threading.Event()  # wakes the watchdog
+        self._thread: threading.Thread | None = None  # the loop
+        self._watchdog: threading.Thread | None = None
+        self._deaths = 0  # loop deaths since the last whole turn
+        self.restarts = 0  # loop threads the watchdog started
+        self.forward_passes = 0  # forwards run (one per engine step, more when isolating)
         self.rows_run = 0  # job-steps executed (sum of batch sizes)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> Engine:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="unmask-engine", daemon=True)
-            self._thread.start()
+            self._spawn()
+            self._watchdog = threading.Thread(
+                target=self._watch, name="unmask-engine-watchdog", daemon=True
+            )
+            self._watchdog.start()
         return self
 
     def close(self, timeout: float = 10.0) -> None:
         with self._lock:
             self._stop = True
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._closing.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout)  # first: it may be about to start a new loop thread
+            self._watchdog = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+        if thread is None or not thread.is_alive():
+            self._drain()  # a loop that died (or never ran) cannot end its jobs itself
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -160,66 +193,120 @@ class Engine:
         with self._lock:
             return len(self._queue) + len(self._active)
 
+    @property
+    def healthy(self) -> bool:
+        """The loop thread runs (False while the watchdog waits to restart it, and after close)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stop
+
     # ---- API -------------------------------------------------------------------------------
     def submit(
         self, request: GenerationRequest, should_cancel: Callable[[], bool] | None = None
     ) -> JobHandle:
         """Queue a job. `should_cancel` is polled between steps (e.g. a flag in Redis)."""
         handle = JobHandle(request)
+        # before queueing: a job the loop fails at once must still see `accepted` first
+        handle._emit({"type": "accepted", "job_id": handle.job_id})
         with self._lock:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the engine queue is full ({self.max_queue} jobs)", field="queue")
             self._queue.append((handle, should_cancel))
             self._lock.notify_all()
-        handle._emit({"type": "accepted", "job_id": handle.job_id})
         return handle
 
     def run_one(self, request: GenerationRequest) -> JobResult:
         return self.submit(request).result()
 
-    # ---- the loop --------------------------------------------------------------------------
+    # ---- the loop thread and its watchdog --------------------------------------------------
+    def _spawn(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="unmask-engine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # the thread ends here; the watchdog starts a new one
+            self._deaths += 1
+            log.critical("the engine thread died", exc_info=True)
+
+    def _watch(self) -> None:
+        """Restart the loop thread whenever it dies, until close()."""
+        while not self._closing.is_set():
+            thread = self._thread
+            if thread is None:
+                return
+            thread.join(WATCH_INTERVAL_S)
+            if thread.is_alive() or self._stop:
+                continue
+            deaths = self._deaths
+            delay = min(self.restart_delay_s * 2 ** max(deaths - 1, 0), MAX_RESTART_DELAY_S)
+            log.error("engine thread dead (%d in a row); restarting in %.2fs", deaths, delay)
+            if self._closing.wait(delay):
+                return
+            if deaths >= CRASH_LOOP_DEATHS:
+                self._fail_stranded(deaths)
+            self._spawn()
+            self.restarts += 1
+            log.warning("engine thread restarted (%d restarts)", self.restarts)
+
+    def _fail_stranded(self, deaths: int) -> None:
+        """Fail the jobs active through a crash loop; the queued ones go on."""
+        message = f"the engine thread died {deaths} times in a row while this job was active"
+        for a in list(self._active):
+            log.error("job %s failed: %s", a.handle.job_id, message)
+            self._end(a, FAILED, error={"type": "EngineCrashed", "field": None, "message": message})
+
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
+        torch.set_grad_enabled(False)  # per thread: a restarted loop needs it again
+        while self._wait_for_work():
+            self._admit_queued()
+            self._retire_interrupted()
+            self._step()
+            self._deaths = 0  # a whole turn ran: not a crash loop
+        self._drain()
+
+    def _wait_for_work(self) -> bool:
+        """Block until there are jobs (True) or the Engine is closing (False)."""
+        with self._lock:
+            while not self._stop and not self._queue and not self._active:
+                self._lock.wait()
+            return not self._stop
+
+    def _drain(self) -> None:
+        closed = {"type": "Shutdown", "message": "engine closed"}
+        for a in list(self._active):
+            self._end(a, CANCELLED, error=closed)
+        with self._lock:
+            queued, self._queue = list(self._queue), deque()
+        for handle, _ in queued:
+            handle._resolve(JobResult(handle.job_id, CANCELLED, error=closed))
+
+    # ---- admission and interruption ---------------------------------------------------------
+    def _admit_queued(self) -> None:
+        # one at a time, so a job is either still queued or active if the loop dies here
         while True:
             with self._lock:
-                while not self._stop and not self._queue and not self._active:
-                    self._lock.wait()
-                if self._stop:
-                    break
-                admitted = []
-                while self._queue and len(self._active) + len(admitted) < self.max_batch:
-                    admitted.append(self._queue.popleft())
-            for handle, should_cancel in admitted:
-                self._admit(handle, should_cancel)
-            self._retire_interrupted()
+                if not self._queue or len(self._active) >= self.max_batch:
+                    return
+                handle, should_cancel = self._queue.popleft()
             try:
-                self._step()
-            except Exception as exc:  # a bug must fail the jobs, not kill the loop
-                log.exception("engine step failed")
-                for a in list(self._active):
-                    self._fail(a, exc)
-        for a in list(self._active):
-            self._end(a, CANCELLED, error={"type": "Shutdown", "message": "engine closed"})
-        while self._queue:
-            handle, _ = self._queue.popleft()
-            handle._resolve(JobResult(handle.job_id, CANCELLED, error={"message": "engine closed"}))
+                self._active.append(self._prepare(handle, should_cancel))
+            except Exception as exc:
+                _log_failure(handle.job_id, "admit", exc)
+                handle._resolve(JobResult(handle.job_id, FAILED, error=_error(exc)))
 
-    def _admit(self, handle: JobHandle, should_cancel) -> None:
-        try:
-            job = self.generator.prepare(handle.request)
-            state = None
-            if job.canvas is not None:
-                state = new_state(
-                    self.generator.model,
-                    job.canvas,
-                    job.params,
-                    self.generator.sampler_vocab,
-                    device=self._device,
-                )
-        except UnmaskError as exc:
-            handle._resolve(JobResult(handle.job_id, FAILED, error=_error(exc)))
-            return
-        self._active.append(_Active(handle, job, state, time.perf_counter(), should_cancel))
+    def _prepare(self, handle: JobHandle, should_cancel: Callable[[], bool] | None) -> _Active:
+        job = self.generator.prepare(handle.request)
+        state = None
+        if job.canvas is not None:
+            state = new_state(
+                self.generator.model,
+                job.canvas,
+                job.params,
+                self.generator.sampler_vocab,
+                device=self._device,
+            )
+        return _Active(handle, job, state, time.perf_counter(), should_cancel)
 
     @property
     def _device(self) -> torch.device:
@@ -228,55 +315,97 @@ class Engine:
     def _retire_interrupted(self) -> None:
         now = time.time()
         for a in list(self._active):
-            deadline = a.handle.request.deadline
-            if a.handle.cancel_requested.is_set() or (a.should_cancel and a.should_cancel()):
-                self._end(a, CANCELLED, error={"type": "Cancelled", "message": "job cancelled"})
-            elif deadline is not None and now > deadline:
-                self._end(a, DEADLINE, error={"type": "DeadlineExceeded",
-                                              "message": "the job's deadline passed"})  # fmt: skip
+            try:  # `should_cancel` may reach Redis: its failure is this job's alone
+                self._end_if_interrupted(a, now)
+            except Exception as exc:
+                self._fail(a, exc, "retire")
 
+    def _end_if_interrupted(self, a: _Active, now: float) -> None:
+        deadline = a.handle.request.deadline
+        if a.handle.cancel_requested.is_set() or (a.should_cancel and a.should_cancel()):
+            self._end(a, CANCELLED, error={"type": "Cancelled", "message": "job cancelled"})
+        elif deadline is not None and now > deadline:
+            self._end(a, DEADLINE, error={"type": "DeadlineExceeded",
+                                          "message": "the job's deadline passed"})  # fmt: skip
+
+    # ---- one step ----------------------------------------------------------------------------
     def _step(self) -> None:
-        diffusion = [a for a in self._active if a.state is not None]
         ar_jobs = [a for a in self._active if a.state is None]
         if ar_jobs:
-            a = ar_jobs[0]  # the AR baseline: one whole job per loop turn
+            self._run_ar(ar_jobs[0])  # the AR baseline: one whole job per loop turn
+        diffusion = [a for a in self._active if a.state is not None]
+        ready: list[tuple[_Active, StepInputs]] = []
+        for a in diffusion:
             try:
-                gen = self.generator.run(a.job, on_step=lambda ev: _emit_step(a, ev))
-            except UnmaskError as exc:
-                self._fail(a, exc)
-            else:
-                self._succeed(a, gen)
-        if not diffusion:
-            return
-        states = [a.state for a in diffusion]
-        inputs = [s.prepare_inputs() for s in states]  # type: ignore[union-attr]
-        batch = collate_inputs(inputs, self.generator.vocab.pad_id)
+                ready.append((a, a.state.prepare_inputs()))  # type: ignore[union-attr]
+            except Exception as exc:
+                self._fail(a, exc, "step")
+        for a, (logits, cache) in self._forward_isolated(ready):
+            if self._advance(a, logits, cache):
+                self._retire_finished(a)
+
+    def _run_ar(self, a: _Active) -> None:
+        try:
+            gen = self.generator.run(a.job, on_step=lambda ev: _emit_step(a, ev))
+            self._succeed(a, gen)
+        except Exception as exc:
+            self._fail(a, exc, "step")
+
+    def _forward_isolated(
+        self, ready: list[tuple[_Active, StepInputs]]
+    ) -> list[tuple[_Active, tuple[torch.Tensor, KVCache | None]]]:
+        """The batch's forward pass; if it fails, each job's alone: only the culprits fail."""
+        if not ready:
+            return []
+        try:
+            return list(zip([a for a, _ in ready], self._forward(ready), strict=True))
+        except Exception as exc:
+            if len(ready) == 1:
+                self._fail(ready[0][0], exc, "step")
+                return []
+            log.warning("the batched forward of %d jobs failed (%s: %s); running each alone",
+                        len(ready), type(exc).__name__, exc)  # fmt: skip
+        outputs = []
+        for a, inputs in ready:  # the inputs are unchanged: the failed forward wrote nothing
+            try:
+                outputs.append((a, self._forward([(a, inputs)])[0]))
+            except Exception as exc:
+                self._fail(a, exc, "step")
+        return outputs
+
+    def _forward(
+        self, ready: Sequence[tuple[_Active, StepInputs]]
+    ) -> list[tuple[torch.Tensor, KVCache | None]]:
+        """One forward pass over the jobs' windows → each job's (logits, cache)."""
+        batch = collate_inputs([inputs for _, inputs in ready], self.generator.vocab.pad_id)
         logits, cache = run_batch(self.generator.model, batch)
         self.forward_passes += 1
-        self.rows_run += len(diffusion)
-        for a, (row_logits, row_cache) in zip(
-            diffusion, split_outputs(batch, logits, cache), strict=True
-        ):
-            state = a.state
-            assert state is not None
+        self.rows_run += len(ready)
+        return split_outputs(batch, logits, cache)
+
+    def _advance(self, a: _Active, logits: torch.Tensor, cache: KVCache | None) -> bool:
+        """Apply the job's step and publish it; True when the job has finished."""
+        state = a.state
+        assert state is not None
+        try:
             block_before = state.block
             block_pos = state.blocks[block_before]
-            try:
-                event = state.advance(row_logits, row_cache)
-            except UnmaskError as exc:
-                self._fail(a, exc)
-                continue
+            event = state.advance(logits, cache)
             _emit_step(a, event)
             if state.done or state.block != block_before:
                 self._emit_block(a, block_before, block_pos)
-            if state.done:
-                latency = time.perf_counter() - a.started
-                try:
-                    gen = self.generator.finish(a.job, state.result(), latency)
-                except UnmaskError as exc:
-                    self._fail(a, exc)
-                else:
-                    self._succeed(a, gen)
+        except Exception as exc:
+            self._fail(a, exc, "step")
+            return False
+        return state.done
+
+    def _retire_finished(self, a: _Active) -> None:
+        assert a.state is not None
+        try:
+            latency = time.perf_counter() - a.started
+            self._succeed(a, self.generator.finish(a.job, a.state.result(), latency))
+        except Exception as exc:
+            self._fail(a, exc, "retire")
 
     # ---- outcomes --------------------------------------------------------------------------
     def _emit_block(self, a: _Active, index: int, positions: torch.Tensor) -> None:
@@ -297,11 +426,12 @@ class Engine:
         out_midi = gen.output if isinstance(gen.output, bytes) else b""
         self._end(a, SUCCEEDED, usage=gen.usage(), text=out_text, midi=out_midi)
 
-    def _fail(self, a: _Active, exc: Exception) -> None:
+    def _fail(self, a: _Active, exc: Exception, stage: str) -> None:
+        _log_failure(a.handle.job_id, stage, exc)
         self._end(a, FAILED, error=_error(exc))
 
     def _end(self, a: _Active, status: str, *, usage=None, text="", midi=b"", error=None) -> None:
-        if a in self._active:
+        if a in self._active:  # first: a job that cannot be resolved must not stay active
             self._active.remove(a)
         if usage is None and a.state is not None:
             usage = {"nfe": a.state.nfe, "steps": a.state.step, "finish_reason": status,
@@ -324,7 +454,19 @@ def _emit_step(a: _Active, ev: StepEvent) -> None:
     })  # fmt: skip
 
 
+def _log_failure(job_id: str, stage: str, exc: Exception) -> None:
+    """A typed error is the request's fault (one line); anything else is a bug (traceback)."""
+    if isinstance(exc, UnmaskError):
+        log.info("job %s failed in %s: %s", job_id, stage, exc)
+    else:
+        log.error("job %s failed in %s (INTERNAL)", job_id, stage, exc_info=exc)
+
+
 def _error(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, UnmaskError):
         return {"type": type(exc).__name__, "field": exc.field, "message": exc.message}
-    return {"type": type(exc).__name__, "field": None, "message": str(exc)}
+    try:
+        message = str(exc)
+    except Exception:  # an exception that cannot even print itself must still fail its job
+        message = ""
+    return {"type": type(exc).__name__, "field": None, "message": message or type(exc).__name__}
