@@ -10,7 +10,9 @@ exactly one final event and counted exactly one completion; none is missing.
 
 Each scenario runs REPEATS times (default 2; UNMASK_FAULT_REPEATS overrides) in the default
 run, and SLOW_REPEATS more times with `-m slow`.
-Short limits (soft 6 s, hard 8 s, visibility 10 s) make redelivery after a crash quick.
+A short heartbeat (0.5 s) makes the requeue of a killed worker's jobs quick (its restart time is
+measured in test_worker_recovery.py); short limits (soft 6 s, hard 8 s, visibility 10 s) keep the
+last-resort redelivery quick too.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The Celery worker queue end to end: a real redis-server, real `unmask worker` processes.
 
 One Redis and one worker (threads pool, 16 task threads feeding one Engine) serve the module;
-the crash test at the end kills that worker with SIGKILL and starts another one. Short time
-limits (soft 12 s, hard 15 s, visibility 18 s) make redelivery after a crash quick.
+the crash test at the end kills that worker with SIGKILL and starts another one, which requeues
+the dead worker's jobs once its heartbeat (0.5 s, expiring after 2 s) is gone. Short time limits
+(soft 12 s, hard 15 s, visibility 18 s) keep the last-resort redelivery quick too.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def test_kill_9_mid_jobs_then_a_new_worker_completes_each_exactly_once(fleet, jo
     assert jobs.cancel(queued) is True
     assert jobs.status(queued)["status"] == protocol.QUEUED
 
-    fleet.start()  # picks up the queued job now, the crashed ones after the visibility timeout
+    fleet.start()  # picks up the queued job now, the crashed ones once it sees the kill
     for job_id in ids:
         res = jobs.result(job_id, timeout=60)
         assert res["status"] == protocol.SUCCEEDED, res["error"]

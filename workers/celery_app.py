@@ -1,16 +1,31 @@
 """The Celery application, configured from `Settings`: Redis broker and result store, JSON only.
 
 Torch-free: the client builds the same app to publish (`send_task` by name) without importing
-the task module. Delivery guarantees:
+the task module. Every ack, retry and pool setting lives here (the task decorator and the
+`unmask worker` command line repeat none of them). Delivery guarantees:
 
-- `task_acks_late` + `task_reject_on_worker_lost`: a message is acknowledged only after its task
-  returned, so a worker killed mid-job leaves it unacknowledged in Redis;
-- the Redis transport puts an unacknowledged message back on its queue once it is older than
-  the visibility timeout. That timeout is longer than the hard time limit (Settings checks it), so
-  a job that is still running is never handed to a second worker; restore sweeps run every
-  quarter of the timeout (kombu's default, once every 100 s, is far too slow for short timeouts);
+- `task_acks_late`: a message is acknowledged only after its task returned, so a worker killed
+  mid-job leaves it unacknowledged in Redis (kombu's `unacked` hash);
+- a lost worker (heartbeat expired: three missed `heartbeat_s`) has its unacknowledged jobs
+  requeued within seconds by any live worker of its model (recovery.py), fenced so that nothing
+  runs twice (tasks.py);
+- last resort, the Redis transport puts an unacknowledged message back on its queue once it is
+  older than the visibility timeout. That timeout is longer than the hard time limit (Settings
+  checks it), so a job that is still running is never handed to a second worker; restore
+  sweeps run every quarter of the timeout (kombu's default, once every 100 s, is far too slow);
+- delivery caps: a job whose worker died on `max_deliveries` deliveries fails instead of taking
+  down the next worker; a job that lost Redis mid-run goes back to the queue up to
+  REDIS_LOSS_DELIVERIES deliveries (a network blip is not the job's fault);
 - prefetch multiplier 1: a worker reserves at most `concurrency` jobs, so jobs wait in the shared
   queue (where any worker can take them and `LLEN` measures back-pressure), not in one process.
+
+Pool: `threads`, `worker_concurrency` threads feeding one Engine (tasks.py says why). What that
+pool enforces: the number of task threads, and (through the consumer, not the pool) the prefetch
+limit. What it ignores: `task_time_limit` / `task_soft_time_limit` (prefork enforces both, gevent
+the hard one), `worker_max_tasks_per_child` / `worker_max_memory_per_child` (prefork
+only), and `task_reject_on_worker_lost` (it concerns a dead prefork child; here the worker is
+the process). So no time limit is handed to Celery: tasks.py enforces the soft limit between
+Engine steps and the hard limit with a watchdog on the Engine's events.
 
 The job id *is* the Celery task id. Results, events and payloads are written by the task itself
 to our own keys (see protocol.py); the Celery result backend only receives a small summary dict.
@@ -24,6 +39,8 @@ from celery import Celery
 
 from unmask.settings import Settings
 from unmask.workers.protocol import queue_name
+
+REDIS_LOSS_DELIVERIES = 10  # deliveries of a job that keeps losing Redis mid-run, then it fails
 
 
 def celery_config(settings: Settings, *, client: bool = False) -> dict[str, Any]:
@@ -47,11 +64,8 @@ def celery_config(settings: Settings, *, client: bool = False) -> dict[str, Any]
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
-        "task_time_limit": settings.task_time_limit_s,
-        "task_soft_time_limit": settings.task_soft_time_limit_s,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": visibility},
         "result_expires": settings.result_ttl_s,

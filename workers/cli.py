@@ -59,18 +59,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app = make_app(settings)
     nodename = f"{settings.model_name}-{os.getpid()}@{socket.gethostname()}"
     tasks.configure(app, settings, hostname=nodename)
+    # pool, concurrency, prefetch and acks come from the app's configuration (celery_app.py)
     app.worker_main(
         [
             "worker",
-            "--pool=threads",  # see tasks.py: all task threads feed one batched Engine
-            f"--concurrency={settings.worker_concurrency}",
             f"--loglevel={args.loglevel}",
             f"--queues={queue_name(settings.model_name)}",
             f"--hostname={nodename}",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
-            "--prefetch-multiplier=1",
         ]
     )
     return 0

@@ -37,6 +37,7 @@ from unmask.workers.protocol import (
     decode_event,
     deliveries_key,
     events_key,
+    note_key,
     queue_name,
     result_key,
     runs_key,
@@ -162,14 +163,16 @@ class JobQueue:
         return json.loads(raw) if raw is not None else None
 
     def status(self, job_id: str) -> dict[str, Any]:
-        """{"job_id", "status": queued|running|<terminal>|unknown, "cancel_requested", ...}."""
+        """{"job_id", "status": queued|running|<terminal>|unknown, "cancel_requested", ...};
+        "note" says why, when the job was requeued after its worker was lost."""
         stored = self._stored(job_id)
         pipe = self._redis.pipeline(transaction=False)
         pipe.get(status_key(job_id))
         pipe.exists(cancel_key(job_id))
         pipe.get(runs_key(job_id))
         pipe.get(deliveries_key(job_id))
-        raw_status, cancel, runs, deliveries = self._call(pipe.execute)
+        pipe.get(note_key(job_id))
+        raw_status, cancel, runs, deliveries, note = self._call(pipe.execute)
         if stored is not None:
             status = stored["status"]
         else:
@@ -181,6 +184,8 @@ class JobQueue:
             "deliveries": int(deliveries or 0),  # times a worker received it
             "runs": int(runs or 0),  # times it was handed to an Engine
         }
+        if note is not None:
+            out["note"] = note.decode()
         if stored is not None:
             out.update(usage=stored.get("usage", {}), error=stored.get("error"))
         return out

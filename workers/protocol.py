@@ -13,7 +13,10 @@ Torch-free and Celery-free, so the gRPC front end (through `client.JobQueue`) an
                                          a run's number here fences it (newest delivery wins)
     unmask:job:<id>:runs                 times the job was handed to an Engine
     unmask:job:<id>:completions          runs that reached the end (exactly-once proof: == 1)
+    unmask:job:<id>:lost                 deliveries whose worker was lost mid-run (caps them)
+    unmask:job:<id>:note                 why the job is where it is ("requeued after worker …")
     unmask:workers:<model>:<hostname>    worker heartbeat, with a TTL
+    unmask:inflight:<model>              delivery tag -> the worker holding it (recovery.py)
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class ResultTimeout(UnmaskError, TimeoutError):
 
 class ResultMissing(UnmaskError):
     """A stored result refers to a payload that has expired or was never written."""
+
+
+class WorkerLost(UnmaskError):
+    """The job's worker died while running it, delivery after delivery: it is not run again."""
 
 
 def queue_name(model_name: str) -> str:
@@ -88,6 +95,19 @@ def deliveries_key(job_id: str) -> str:
 
 def runs_key(job_id: str) -> str:
     return _job(job_id, "runs")
+
+
+def lost_key(job_id: str) -> str:
+    return _job(job_id, "lost")
+
+
+def note_key(job_id: str) -> str:
+    return _job(job_id, "note")
+
+
+def inflight_key(model_name: str) -> str:
+    # not under `workers:`: readers of the heartbeats scan that prefix and expect JSON strings
+    return f"{KEY_PREFIX}inflight:{model_name}"
 
 
 def worker_key(model_name: str, hostname: str) -> str:

@@ -26,6 +26,11 @@ must not become a permanent "failed" result. The rerun appends to the same event
 Celery does not enforce time limits in the threads pool, so the task does: past the soft limit
 the Engine ends the job between steps (failed, TimeLimitExceeded); a hard-limit watchdog covers
 an Engine that stops producing events. The hard limit stays below the visibility timeout.
+
+A worker that dies (kill -9, OOM, a native crash) leaves its jobs unacknowledged: every worker
+claims the messages it receives and, after each heartbeat, requeues those of workers whose
+heartbeat expired (recovery.py); each such requeue counts against the job, and a job whose
+worker died on `max_deliveries` deliveries fails (WorkerLost) instead of killing the next one.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from unmask.engine.engine import Engine, JobResult
 from unmask.engine.request import GenerationRequest
 from unmask.errors import UnmaskError
 from unmask.settings import Settings
+from unmask.workers import recovery
+from unmask.workers.celery_app import REDIS_LOSS_DELIVERIES
 from unmask.workers.protocol import (
     CANCELLED,
     DEADLINE,
@@ -55,6 +62,7 @@ from unmask.workers.protocol import (
     INLINE_LIMIT,
     RUNNING,
     TASK_NAME,
+    WorkerLost,
     blob_key,
     cancel_key,
     completions_key,
@@ -62,6 +70,7 @@ from unmask.workers.protocol import (
     encode_event,
     events_key,
     heartbeat_ttl,
+    lost_key,
     result_key,
     runs_key,
     status_key,
@@ -72,9 +81,12 @@ log = logging.getLogger("unmask.workers")
 
 CANCEL_POLL_S = 0.1  # a job's cancel flag is read from Redis at most this often
 # Redis unreachable (connection refused, reset or timed out): the job goes back to the queue
-# instead of failing, up to this many deliveries.
+# instead of failing, up to REDIS_LOSS_DELIVERIES deliveries.
 REDIS_LOST = (redis.ConnectionError, redis.TimeoutError)
-MAX_DELIVERIES = 10
+# Test-only: a worker started with this variable set exits at once (a real crash, as an OOM kill
+# would be) on a job whose prompt contains its value. Unset in every real deployment.
+CRASH_MARKER_ENV = "UNMASK_TEST_CRASH_MARKER"
+CRASH_EXIT_CODE = 86
 
 
 class RedisLost(Exception):
@@ -133,6 +145,9 @@ class _WorkerState:
         self.heartbeat_stop: threading.Event | None = None
         self.heartbeat_thread: threading.Thread | None = None
         self.started_at = time.time()
+        self.instance = uuid.uuid4().hex[:12]  # this process, even under a reused hostname
+        self.claimed: set[str] = set()  # delivery tags this process holds (recovery.py)
+        self.crash_marker = ""  # test-only, see CRASH_MARKER_ENV
 
 
 _state = _WorkerState()
@@ -143,16 +158,15 @@ def configure(app: Celery, settings: Settings, *, hostname: str) -> Any:
     _state.settings = settings
     _state.hostname = hostname
     _state.pool = str(app.conf.worker_pool or "threads")
+    _state.crash_marker = os.environ.get(CRASH_MARKER_ENV, "")
+    if _state.crash_marker:
+        log.warning("%s is set: this worker crashes on marked jobs (tests only)", CRASH_MARKER_ENV)
     signals.worker_process_init.connect(_on_process_init, weak=False, dispatch_uid="unmask-init")
     signals.worker_ready.connect(_on_worker_ready, weak=False, dispatch_uid="unmask-ready")
     signals.worker_shutdown.connect(_on_shutdown, weak=False, dispatch_uid="unmask-shutdown")
-    return app.task(
-        name=TASK_NAME,
-        bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        ignore_result=False,
-    )(_generate_task)
+    signals.task_received.connect(_on_task_received, weak=False, dispatch_uid="unmask-claim")
+    # acks and redelivery are configured once, on the app (celery_app.py)
+    return app.task(name=TASK_NAME, bind=True, ignore_result=False)(_generate_task)
 
 
 def _settings() -> Settings:
@@ -230,11 +244,62 @@ def _on_shutdown(**_: Any) -> None:
     if stop is not None:
         stop.set()
         try:
+            # reserved jobs that never started went back to the queue when Celery closed its
+            # connection: drop their claims, so that no sweep mistakes them for lost ones
+            recovery.release(_redis(), _owner(), _take_claims())
             _redis().delete(worker_key(_settings().model_name, _state.hostname))
         except redis.RedisError:
             pass
     if _state.engine is not None:
         _state.engine.close()
+
+
+# ---- claims on delivered messages (recovery.py) ---------------------------------------------
+def _owner() -> recovery.Owner:
+    return recovery.Owner(_settings().model_name, _state.hostname, _state.instance)
+
+
+def _on_task_received(request: Any = None, **_: Any) -> None:
+    """Runs on the consumer thread when a message arrives, before its task is started."""
+    if request is None or request.name != TASK_NAME:
+        return
+    tag = str(request.message.delivery_tag)
+    try:
+        recovery.claim(_redis(), _owner(), tag, request.id)
+    except redis.RedisError as exc:  # the visibility timeout still covers this message
+        log.warning("job %s: could not claim delivery %s: %s", request.id, tag, exc)
+        return
+    with _state.lock:
+        _state.claimed.add(tag)
+
+
+def _release_claim(tag: str | None) -> None:
+    if not tag:
+        return
+    with _state.lock:
+        _state.claimed.discard(tag)
+    try:
+        recovery.release(_redis(), _owner(), [tag])
+    except redis.RedisError as exc:  # a stale claim is dropped by the sweep once we are gone
+        log.warning("could not release delivery %s: %s", tag, exc)
+
+
+def _take_claims() -> list[str]:
+    with _state.lock:
+        tags = sorted(_state.claimed)
+        _state.claimed.clear()
+    return tags
+
+
+def _sweep_lost_workers() -> None:
+    """After each heartbeat. Never raises: a dead heartbeat thread would make us look lost."""
+    try:
+        for job_id in recovery.sweep(_redis(), _owner(), _settings().result_ttl_s):
+            log.info("job %s: back on the queue, its worker was lost", job_id)
+    except redis.RedisError as exc:
+        log.warning("sweep for lost workers failed: %s", exc)
+    except Exception:
+        log.exception("sweep for lost workers failed")
 
 
 def _heartbeat_info() -> dict[str, Any]:
@@ -250,6 +315,7 @@ def _heartbeat_info() -> dict[str, Any]:
         "max_batch": s.max_batch,
         "load": engine.load if engine is not None else 0,
         "started_at": _state.started_at,
+        "instance": _state.instance,
         "ts": time.time(),
     }
 
@@ -269,6 +335,7 @@ def _start_heartbeat() -> None:
             try:
                 if alive:
                     _redis().set(key, json.dumps(_heartbeat_info()), ex=ttl)
+                    _sweep_lost_workers()
                 else:
                     _redis().delete(key)
             except redis.RedisError as exc:
@@ -324,6 +391,8 @@ def _generate_task(task: Any, request: dict[str, Any]) -> dict[str, Any]:
         # unacknowledged and Redis restores it after the visibility timeout. Either way the job
         # runs again and stores its result once.
         raise Reject(str(exc), requeue=True) from exc
+    finally:
+        _release_claim((task.request.properties or {}).get("delivery_tag"))
 
 
 def run_job(job_id: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -337,7 +406,8 @@ def run_job(job_id: str, request: dict[str, Any]) -> dict[str, Any]:
         pipe.incr(deliveries_key(job_id))
         pipe.expire(deliveries_key(job_id), _settings().result_ttl_s)
         pipe.get(result_key(job_id))
-        delivery, _, existing = pipe.execute()
+        pipe.get(lost_key(job_id))
+        delivery, _, existing, lost = pipe.execute()
     except REDIS_LOST as exc:
         raise RedisLost(f"job {job_id}: Redis unreachable before the run ({exc})") from exc
     if existing is not None:  # a redelivery or resubmission of a finished job
@@ -346,10 +416,14 @@ def run_job(job_id: str, request: dict[str, Any]) -> dict[str, Any]:
         return _summary(job_id, status, stored=False)
     model = str(request.get("model", "")) if isinstance(request, dict) else ""
     delivery = int(delivery)
+    if int(lost or 0) >= _settings().max_deliveries:  # a poison pill: it must not kill us too
+        message = f"failed after {int(lost)} deliveries; the worker died each time"
+        log.error("job %s %s: not run again", job_id, message)
+        return _store_or_requeue(r, job_id, model, WorkerLost(message), delivery)
     try:
         return _run(r, job_id, request, delivery)
     except REDIS_LOST as exc:
-        if delivery < MAX_DELIVERIES:
+        if delivery < REDIS_LOSS_DELIVERIES:
             log.warning("job %s: lost Redis mid-run (%s); it goes back to the queue", job_id, exc)
             raise RedisLost(f"job {job_id}: Redis unreachable mid-run ({exc})") from exc
         log.error("job %s: lost Redis in %d deliveries; giving up", job_id, delivery)
@@ -392,6 +466,7 @@ def _run(r: redis.Redis, job_id: str, request: dict[str, Any], delivery: int) ->
     pipe.expire(runs_key(job_id), ttl)
     pipe.execute()
 
+    _crash_if_marked(req)
     check = _CancelCheck(r, job_id, time.monotonic() + s.task_soft_time_limit_s, delivery)
     handle = get_engine().submit(req, should_cancel=check)
     keys = [events_key(job_id), deliveries_key(job_id)]
@@ -418,6 +493,15 @@ def _run(r: redis.Redis, job_id: str, request: dict[str, Any], delivery: int) ->
         return _store(r, job_id, FAILED, delivery, model=req.model, usage=result.usage,
                       error=_time_limit_error())  # fmt: skip
     return _store_result(r, req, result, delivery)
+
+
+def _crash_if_marked(req: GenerationRequest) -> None:
+    """Test-only (CRASH_MARKER_ENV): die like a native crash would, mid-run, no cleanup."""
+    marker = _state.crash_marker
+    if marker and marker in req.prompt:
+        log.error("job %s carries the test crash marker: exiting now", req.job_id)
+        logging.shutdown()
+        os._exit(CRASH_EXIT_CODE)
 
 
 def _superseded(job_id: str) -> dict[str, Any]:

@@ -29,8 +29,9 @@ class Settings:
     stream_maxlen: int = 2000  # events kept per job stream
     task_soft_time_limit_s: int = 300
     task_time_limit_s: int = 360  # hard limit; the visibility timeout must exceed it
-    visibility_timeout_s: int = 600  # redelivery of unacknowledged jobs after a crash
-    heartbeat_s: float = 2.0  # workers announce themselves (health) this often
+    visibility_timeout_s: int = 600  # last-resort redelivery (lost workers: see heartbeat_s)
+    heartbeat_s: float = 2.0  # workers announce themselves this often; 3 missed = lost
+    max_deliveries: int = 3  # a job whose worker died on each of this many deliveries fails
     host: str = "127.0.0.1"
     port: int = 50051
     auth_tokens: tuple[str, ...] = field(default=())  # bearer tokens; empty = auth off
@@ -52,7 +53,8 @@ class Settings:
                 value=self.visibility_timeout_s,
             )
         for name in ("max_batch", "max_queue", "worker_concurrency", "result_ttl_s", "port",
-                     "max_message_bytes", "batch_window", "max_batch_items"):  # fmt: skip
+                     "max_message_bytes", "batch_window", "max_batch_items",
+                     "max_deliveries"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise InvalidArgument("must be >= 1", field=name, value=getattr(self, name))
 
