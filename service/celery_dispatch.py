@@ -49,7 +49,10 @@ class CeleryDispatcher(Dispatcher):
 
     async def close(self) -> None:
         await self._redis.aclose()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # wait for the queue calls under way (each bounded by Redis's socket timeouts): one
+        # that finished after the event loop had stopped would leave its awaiting task (a job's
+        # `cancel`, say) pending forever, destroyed with the loop
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         await asyncio.to_thread(self.queue.close)
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -17,6 +17,7 @@ import base64
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ log = logging.getLogger("unmask.service")
 
 MODALITIES = ("text", "code", "midi")
 FORGET_AFTER_S = 60.0  # a finished streamed job stays readable this long
+ENDED_KEPT = 10_000  # final statuses of forgotten streamed jobs kept for status() (~1 MB)
 
 
 class NotReady(UnmaskError):
@@ -134,6 +136,8 @@ class _LocalJob:
         self._forget = forget  # drops the job from the dispatcher's table (events jobs only)
         self.queue: asyncio.Queue[dict[str, Any]] | None = asyncio.Queue() if with_events else None
         self._loop = loop
+        self.pumped = False  # every event is in the queue (set on the loop)
+        self.released = False  # no reader will come (any more): forget the job once it ends
         self.thread = threading.Thread(
             target=self._pump, name=f"unmask-job-{handle.job_id[:8]}", daemon=True
         )
@@ -148,8 +152,19 @@ class _LocalJob:
             self._loop.call_soon_threadsafe(self._forget_later)
 
     def _forget_later(self) -> None:
-        # the reader may not have started yet: keep the job a while after its end
-        self._loop.call_later(FORGET_AFTER_S, self._forget, self.handle.job_id)
+        self.pumped = True
+        if self.released:
+            self._forget(self.handle.job_id)
+        else:  # the reader may not have started yet: keep the job a while after its end
+            self._loop.call_later(FORGET_AFTER_S, self._forget, self.handle.job_id)
+
+    def release(self) -> None:
+        """No reader will come (any more): its reader left, or the job was cancelled (as a call
+        that went away does, even before it read anything). Forget the job as soon as it has
+        ended, not FORGET_AFTER_S later."""
+        self.released = True
+        if self.pumped:
+            self._forget(self.handle.job_id)
 
 
 def resolve_device(device: str) -> str:
@@ -172,6 +187,7 @@ class LocalDispatcher(Dispatcher):
         self._load_error: BaseException | None = None
         self._loading: asyncio.Task | None = None
         self._jobs: dict[str, _LocalJob] = {}
+        self._ended: OrderedDict[str, str] = OrderedDict()  # job id -> final status, forgotten
         self._info: dict[str, Any] = {}
 
     async def start(self) -> None:
@@ -236,12 +252,20 @@ class LocalDispatcher(Dispatcher):
         await self.check_model(request.model)
         engine = self._running()
         handle = engine.submit(request)  # QueueFull when the Engine's queue is full
-        job = _LocalJob(
-            handle, asyncio.get_running_loop(), events, lambda jid: self._jobs.pop(jid, None)
-        )
+        job = _LocalJob(handle, asyncio.get_running_loop(), events, self._forget)
         self._jobs[handle.job_id] = job
         job.thread.start()
         return handle.job_id
+
+    def _forget(self, job_id: str) -> None:
+        """Drop a streamed job that has ended (its request, events and result); only its final
+        status stays, for status(), among the last ENDED_KEPT."""
+        job = self._jobs.pop(job_id, None)
+        if job is None or not job.handle.done():
+            return
+        self._ended[job_id] = job.handle.result().status
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
 
     def _job(self, job_id: str) -> _LocalJob:
         job = self._jobs.get(job_id)
@@ -252,22 +276,27 @@ class LocalDispatcher(Dispatcher):
     async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         job = self._job(job_id)
         assert job.queue is not None, "submitted with events=False"
-        while True:
-            event = await job.queue.get()
-            final = event.get("type") == "final"
-            if final:
-                # forget the job (its request and result) before handing out the final event:
-                # a reader that stops there (Generate returns, an error is raised) never resumes
-                # this generator, and the job would stay in memory for FORGET_AFTER_S
-                self._jobs.pop(job_id, None)
-            yield event
-            if final:
-                return
+        try:
+            while True:
+                event = await job.queue.get()
+                final = event.get("type") == "final"
+                if final:
+                    # forget the job (its request and result) before handing out the final
+                    # event: a reader that stops there (Generate returns, an error is raised)
+                    # may never resume this generator
+                    self._jobs.pop(job_id, None)
+                yield event
+                if final:
+                    return
+        finally:  # the end, or a reader that went away (its call cancels the job)
+            job.release()
 
     async def cancel(self, job_id: str) -> None:
         job = self._jobs.get(job_id)
         if job is not None:
             job.handle.cancel()
+            if job.queue is not None:  # batch jobs (no queue) stay until poll() collects them
+                job.release()
 
     async def poll(self, job_id: str) -> dict[str, Any] | None:
         job = self._jobs.get(job_id)
@@ -282,18 +311,20 @@ class LocalDispatcher(Dispatcher):
     async def status(self, job_id: str) -> str:
         job = self._jobs.get(job_id)
         if job is None:
-            return "unknown"
+            return self._ended.get(job_id, "unknown")
         if job.handle.done():
             return job.handle.result().status
         return "running"
 
     async def models(self) -> list[ModelInfo]:
-        ready = self._engine is not None
+        engine = self._engine
+        # not ready (health NOT_SERVING) while the Engine's watchdog restarts its dead loop
+        ready = engine is not None and engine.healthy
         return [
             ModelInfo(
                 name=self.default_model, ready=ready, dispatcher=self.kind,
                 live_workers=1 if ready else 0,
-                queue_length=self._engine.load if ready else 0,
+                queue_length=engine.load if engine is not None else 0,
                 max_seq_len=self._info.get("max_seq_len", 0),
                 architecture=self._info.get("architecture", ""),
             )

@@ -9,12 +9,19 @@
 - A request message that does not parse (corrupt wire format, bad UTF-8 in a string field) is
   INVALID_ARGUMENT with field `request` (grpc would answer UNKNOWN), after auth: an
   unauthenticated caller still gets UNAUTHENTICATED.
+- One wrapper: AuthInterceptor swaps a refused call's behaviour for its refusal; the request id
+  interceptor (the outermost, the handler grpc runs) wraps whichever behaviour it gets once, and
+  runs a streaming method's generator itself (`_write_stream`), so that the generator ends, and
+  its clean-up runs, inside the call, even when the client vanishes mid-stream.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import hmac
+import inspect
 import logging
 import re
 import time
@@ -90,36 +97,66 @@ async def _reject_undecodable(context: grpc.aio.ServicerContext, request: Undeco
     )
 
 
-def _wrap(
+async def _write_stream(behaviour: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
+    """Send a server-streaming behaviour's messages with `context.write`, and close its
+    generator here, in the call's own task.
+
+    Why not hand grpc the generator: when the client goes away while grpc awaits a write, grpc
+    cancels its own loop but never closes the generator. asyncio's garbage-collector hook closes
+    it later, in a task of its own, after the call has ended: the call's clean-up (its log
+    line, its job's cancellation, its Redis reader) then ran late, and the part that touched
+    the ended call (`context.peer()`) crashed the process (grpcio >= 1.81: segfault in cygrpc).
+    """
+    if inspect.iscoroutinefunction(behaviour):  # writes for itself (health's Watch, a refusal)
+        await behaviour(request, context)
+        return
+    async with contextlib.aclosing(behaviour(request, context)) as messages:
+        async for message in messages:
+            await context.write(message)
+
+
+def _like(
     handler: grpc.RpcMethodHandler,
-    around: Callable[..., Any],
+    behaviour: Callable[..., Any],
     deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
-    """A handler whose behaviour runs inside `around(behaviour, request, context)`;
-    `deserializer` replaces the handler's request deserializer."""
-    parse = deserializer or handler.request_deserializer
-    if handler.unary_unary is not None:
-        inner = handler.unary_unary
+    """A unary-request handler of the same kind and serializer as `handler`, running
+    `behaviour` (a coroutine function: for a stream, it writes with `context.write`)."""
+    make = (grpc.unary_stream_rpc_method_handler if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler)  # fmt: skip
+    return make(
+        behaviour, deserializer or handler.request_deserializer, handler.response_serializer
+    )
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await around(inner, request, context)
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary, parse, handler.response_serializer)
-    if handler.unary_stream is not None:
-        inner_stream = handler.unary_stream
+class _CallLog:
+    """One call's request id in the context variable and its closing log line.
 
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async for item in around(inner_stream, request, context, streaming=True):
-                yield item
+    The peer is read once, while the call is live: `context.peer()` after the call has ended
+    reads memory grpc has freed (grpcio >= 1.81: segfault at address 0)."""
 
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, parse, handler.response_serializer
-        )
-    return handler  # client/bidi streaming: not used by this service
+    def __init__(self, method: str, request_id: str, context: grpc.aio.ServicerContext) -> None:
+        self.method = method
+        self.token = request_id_var.set(request_id)
+        self.peer = context.peer()
+        self.t0 = time.perf_counter()
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+
+    def end(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        code = context.code()  # the status grpc will send (None: OK unless an error escapes)
+        outcome = getattr(code, "name", None) or ("OK" if error is None else "ERROR")
+        if isinstance(error, asyncio.CancelledError) and outcome in ("OK", "ERROR"):
+            outcome = "CANCELLED"  # the client went away, or its deadline passed
+        elif error is not None and outcome == "OK":
+            outcome = type(error).__name__
+        log.info("rpc %s %s %.3fs peer=%s", self.method, outcome,
+                 time.perf_counter() - self.t0, self.peer)  # fmt: skip
+        request_id_var.reset(self.token)
 
 
 class RequestIdInterceptor(grpc.aio.ServerInterceptor):
-    """Assigns the request id, returns it in metadata, logs one line per call."""
+    """Assigns the request id, returns it in metadata, logs one line per call; a request that
+    does not parse is INVALID_ARGUMENT. Its handler is the outermost one, the one grpc runs."""
 
     async def intercept_service(
         self,
@@ -127,70 +164,48 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None:
-            return handler
+        if handler is None or handler.request_streaming:
+            return handler  # client/bidi streaming (reflection): passed through as it is
         given = _metadata(details).get(REQUEST_ID_KEY, "")
         request_id = given if _SANE_ID.match(given) else uuid.uuid4().hex
         method = details.method
+        streaming = handler.unary_stream is not None
+        behaviour = handler.unary_stream if streaming else handler.unary_unary
 
-        def begin(context: grpc.aio.ServicerContext) -> tuple[contextvars.Token, float]:
-            token = request_id_var.set(request_id)
-            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-            return token, time.perf_counter()
-
-        def end(context: Any, token: contextvars.Token, t0: float, error: Any = None) -> None:
-            try:
-                code = context.code()
-            except Exception:  # older grpc.aio contexts have no code()
-                code = None
-            outcome = getattr(code, "name", None) or ("OK" if error is None else "ERROR")
-            if isinstance(error, BaseException) and outcome == "OK":
-                outcome = type(error).__name__
-            log.info("rpc %s %s %.3fs peer=%s", method, outcome, time.perf_counter() - t0,
-                     context.peer())  # fmt: skip
-            request_id_var.reset(token)
-
-        async def around_stream(behaviour, request, context, streaming=True):
-            token, t0 = begin(context)
-            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _CallLog(method, request_id, context)
             error: BaseException | None = None
             try:
-                if isinstance(request, Undecodable) and not _denies(behaviour):
+                await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+                if isinstance(request, Undecodable) and behaviour is not _refuse:
                     await _reject_undecodable(context, request)
-                async for item in behaviour(request, context):
-                    yield item
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                end(context, token, t0, error)
-
-        async def around_unary(behaviour, request, context):
-            token, t0 = begin(context)
-            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-            error: BaseException | None = None
-            try:
-                if isinstance(request, Undecodable) and not _denies(behaviour):
-                    await _reject_undecodable(context, request)
+                if streaming:
+                    return await _write_stream(behaviour, request, context)
                 return await behaviour(request, context)
+            except grpc.aio.InternalError as exc:
+                # a send the core could not carry out: the client has gone and the call's
+                # cancellation has not reached us yet. End as cancelled, as the call is (left to
+                # grpc, it is logged as an error, with a traceback).
+                error = exc
+                raise asyncio.CancelledError("the client went away") from exc
             except BaseException as exc:
                 error = exc
                 raise
             finally:
-                end(context, token, t0, error)
-
-        def dispatch(behaviour, request, context, streaming=False):
-            if streaming:
-                return around_stream(behaviour, request, context)
-            return around_unary(behaviour, request, context)
+                call.end(context, error)
 
         # the outermost handler's deserializer is the one grpc calls
-        return _wrap(handler, dispatch, _tolerant(handler.request_deserializer))
+        return _like(handler, run, _tolerant(handler.request_deserializer))
 
 
-def _denies(behaviour: Any) -> bool:
-    """The behaviour is AuthInterceptor's refusal (which never reads the message)."""
-    return bool(getattr(behaviour, "unmask_denies", False))
+async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    """AuthInterceptor's answer to a call without a valid token; it never reads the message,
+    so a caller without a token learns nothing about what it sent."""
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing or invalid bearer token (metadata `authorization: Bearer <token>`)",
+        trailing_metadata=((REQUEST_ID_KEY, request_id_var.get()),),
+    )
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -209,32 +224,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return bool(sum(hmac.compare_digest(given, t) for t in self._tokens))
 
     async def intercept_service(self, continuation, details):
-        if not self._tokens or details.method.startswith(HEALTH_PREFIX):
-            return await continuation(details)
-        if self._allowed(details):
-            return await continuation(details)
         handler = await continuation(details)
-        if handler is None:
+        if handler is None or handler.request_streaming or not self._tokens:
             return handler
-
-        async def deny(behaviour, request, context, streaming=False):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or invalid bearer token (metadata `authorization: Bearer <token>`)",
-                trailing_metadata=((REQUEST_ID_KEY, request_id_var.get()),),
-            )
-
-        async def deny_stream(behaviour, request, context, streaming=True):
-            await deny(behaviour, request, context)
-            yield  # pragma: no cover - abort raised
-
-        def dispatch(behaviour, request, context, streaming=False):
-            if streaming:
-                return deny_stream(behaviour, request, context)
-            return deny(behaviour, request, context)
-
-        denied = _wrap(handler, dispatch)
-        for fn in (denied.unary_unary, denied.unary_stream):
-            if fn is not None:
-                fn.unmask_denies = True  # type: ignore[attr-defined]
-        return denied
+        if details.method.startswith(HEALTH_PREFIX) or self._allowed(details):
+            return handler
+        return _like(handler, _refuse)

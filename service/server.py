@@ -53,6 +53,7 @@ log = logging.getLogger("unmask.service")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Unmask"].full_name  # "unmask.v1.Unmask"
 MAX_PAGE_SIZE = 100
 RESULTS_POLL_S = 0.2
+CANCEL_DRAIN_S = 5.0  # at shutdown, how long the cancellations of abandoned jobs may take
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: UnmaskError) -> None:
@@ -87,8 +88,9 @@ def streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            async for item in fn(self, request, context):
-                yield item
+            async with contextlib.aclosing(fn(self, request, context)) as items:
+                async for item in items:
+                    yield item
         except UnmaskError as exc:
             await abort(context, exc)
         except RedisError as exc:
@@ -119,7 +121,8 @@ class UnmaskServicer(pb_grpc.UnmaskServicer):
         self.dispatcher = dispatcher
         self.store = store
         self.runner = runner
-        self._cancels: set[asyncio.Task] = set()
+        self._holding: set[asyncio.Task] = set()  # calls between submitting and letting go
+        self._cancels: set[asyncio.Future] = set()  # cancellations (and submissions) under way
 
     # ---- generation ------------------------------------------------------------------------
     def _request(self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -134,6 +137,48 @@ class UnmaskServicer(pb_grpc.UnmaskServicer):
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
 
+    async def _submit(self, req: Any) -> str:
+        """Queue the job. A call cancelled while the submission is under way (a 1 ms deadline,
+        a client gone) still cancels the job once its id is known, instead of leaving it to
+        run for nobody."""
+        task = asyncio.ensure_future(self.dispatcher.submit(req))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._cancel_orphan)  # before discard: close() waits on
+            self._cancels.add(task)
+            task.add_done_callback(self._cancels.discard)
+            raise
+
+    def _cancel_orphan(self, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._cancel_soon(task.result())
+
+    @contextlib.asynccontextmanager
+    async def _holding_job(self) -> AsyncIterator[None]:
+        """Marks the call's task as holding a job until it has let go of it (followed it to
+        the end, or asked for its cancellation)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._holding.add(task)
+        try:
+            yield
+        finally:
+            self._holding.discard(task)
+
+    async def close(self, timeout: float = CANCEL_DRAIN_S) -> None:
+        """After the server has stopped: wait for the calls it cancelled to let go of their
+        jobs, then for the cancellations they asked for (the dispatcher closes next; a
+        cancellation left pending would never reach the queue, its task destroyed with the
+        event loop)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        for pending in (self._holding, self._cancels):
+            while pending and loop.time() < end:
+                await asyncio.wait(set(pending), timeout=end - loop.time())
+        for task in set(self._cancels):
+            task.cancel()
+
     @staticmethod
     def _response(final: dict[str, Any], modality: str) -> pb.GenerateResponse:
         if final.get("status") != "succeeded":
@@ -143,12 +188,15 @@ class UnmaskServicer(pb_grpc.UnmaskServicer):
         return mapping.response_to_proto(final, modality)
 
     async def _follow(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
-        """The job's events; cancels the job if the call ends before its final event."""
+        """The job's events; cancels the job if the call ends before its final event. Callers
+        close it (`aclosing`): a generator left suspended would be closed by the garbage
+        collector, much later, after the call has gone."""
         finished = False
         try:
-            async for event in self.dispatcher.events(job_id):
-                finished = event.get("type") == "final"
-                yield event
+            async with contextlib.aclosing(self.dispatcher.events(job_id)) as events:
+                async for event in events:
+                    finished = event.get("type") == "final"
+                    yield event
         finally:
             if not finished:
                 self._cancel_soon(job_id)
@@ -156,30 +204,34 @@ class UnmaskServicer(pb_grpc.UnmaskServicer):
     @unary
     async def Generate(self, request, context):
         req = self._request(request, context)
-        job_id = await self.dispatcher.submit(req)
-        log.info("job %s: %s %s", job_id, req.kind, req.modality)
-        async for event in self._follow(job_id):
-            if event.get("type") == "final":
-                return self._response(event, req.modality)
+        async with self._holding_job():
+            job_id = await self._submit(req)
+            log.info("job %s: %s %s", job_id, req.kind, req.modality)
+            async with contextlib.aclosing(self._follow(job_id)) as events:
+                async for event in events:
+                    if event.get("type") == "final":
+                        return self._response(event, req.modality)
         raise UnmaskError("the job ended without a result", field="job_id")
 
     @streaming
     async def GenerateStream(self, request, context):
         req = self._request(request, context)
-        job_id = await self.dispatcher.submit(req)
-        log.info("job %s: %s %s (stream)", job_id, req.kind, req.modality)
-        accepted = False
-        async for event in self._follow(job_id):
-            kind = event.get("type")
-            if kind == "final":
-                if not accepted:
-                    yield mapping.event_to_proto({"type": "accepted", "job_id": job_id})
-                yield pb.GenerateEvent(final=self._response(event, req.modality))
-                return
-            accepted = accepted or kind == "accepted"
-            msg = mapping.event_to_proto(event)
-            if msg is not None:
-                yield msg
+        async with self._holding_job():
+            job_id = await self._submit(req)
+            log.info("job %s: %s %s (stream)", job_id, req.kind, req.modality)
+            accepted = False
+            async with contextlib.aclosing(self._follow(job_id)) as events:
+                async for event in events:
+                    kind = event.get("type")
+                    if kind == "final":
+                        if not accepted:
+                            yield mapping.event_to_proto({"type": "accepted", "job_id": job_id})
+                        yield pb.GenerateEvent(final=self._response(event, req.modality))
+                        return
+                    accepted = accepted or kind == "accepted"
+                    msg = mapping.event_to_proto(event)
+                    if msg is not None:
+                        yield msg
 
     # ---- batches ---------------------------------------------------------------------------
     async def _batch(self, batch_id: str) -> dict[str, Any]:
@@ -310,6 +362,7 @@ class UnmaskServer:
         self.serving: bool | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
+        self.servicer: UnmaskServicer | None = None
         self._health_task: asyncio.Task | None = None
 
     def _make_store(self) -> BatchStore:
@@ -336,9 +389,8 @@ class UnmaskServer:
         if s.auth_tokens:
             interceptors.append(AuthInterceptor(s.auth_tokens))
         server = grpc.aio.server(interceptors=interceptors, options=self._options())
-        pb_grpc.add_UnmaskServicer_to_server(
-            UnmaskServicer(s, self.dispatcher, self.store, self.runner), server
-        )
+        self.servicer = UnmaskServicer(s, self.dispatcher, self.store, self.runner)
+        pb_grpc.add_UnmaskServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -402,6 +454,8 @@ class UnmaskServer:
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
+        if self.servicer is not None:
+            await self.servicer.close()
         await self.runner.close()
         await self.dispatcher.close()
         if isinstance(self.store, RedisBatchStore):
@@ -430,6 +484,17 @@ async def serve(settings: Settings, port: int | None = None) -> None:
     await server.stop()
     for task in (waiter, stopper):
         task.cancel()
+
+
+async def _settle() -> None:
+    """Cancel and await whatever is left on the loop and close its async generators, as
+    `asyncio.run` does: a task dropped with its loop still pending is logged as "Task was
+    destroyed but it is pending" (and its clean-up never runs)."""
+    rest = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 class ServerThread:
@@ -471,11 +536,17 @@ class ServerThread:
         return self.port
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return
         if self.server is not None:
             self.call(self.server.stop(grace=0.5))
             self.server = None
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
+        if self._thread.is_alive():
+            self.call(_settle())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+        if not self.loop.is_running():
+            self.loop.close()
 
     def __enter__(self) -> ServerThread:
         if not self.port:
