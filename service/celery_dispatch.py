@@ -112,6 +112,9 @@ class CeleryDispatcher(Dispatcher):
     async def status(self, job_id: str) -> str:
         return (await self._call(self.queue.status, job_id))["status"]
 
+    async def note(self, job_id: str) -> str:
+        return (await self._call(self.queue.status, job_id)).get("note", "")
+
     async def _live(self) -> dict[str, list[dict[str, Any]]]:
         """model name -> its live workers' heartbeats."""
         keys = [k async for k in self._redis.scan_iter(f"{KEY_PREFIX}workers:*", count=500)]

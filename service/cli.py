@@ -266,9 +266,12 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def _print_job(job: Any) -> None:
-    print(json.dumps({"id": job.id, "status": job.status, "counts": job.counts,
-                      "model": job.model, "idempotency_key": job.idempotency_key,
-                      "created_at": job.created_at, "finished_at": job.finished_at}))  # fmt: skip
+    out = {"id": job.id, "status": job.status, "counts": job.counts, "model": job.model,
+           "idempotency_key": job.idempotency_key, "created_at": job.created_at,
+           "finished_at": job.finished_at}  # fmt: skip
+    if job.note:
+        out["note"] = job.note
+    print(json.dumps(out))
 
 
 def _wait(client: Any, batch_id: str) -> Any:
@@ -281,6 +284,8 @@ def _wait(client: Any, batch_id: str) -> Any:
             bar.update(j.counts["total"] - j.counts["pending"] - bar.n)
             bar.set_postfix(ok=j.counts["succeeded"], failed=j.counts["failed"],
                             cancelled=j.counts["cancelled"], refresh=False)  # fmt: skip
+            if j.note:
+                bar.set_description_str(f"{batch_id[:18]} ({j.note})", refresh=False)
 
         return client.wait_batch(batch_id, on_progress=progress)
 

@@ -111,6 +111,10 @@ class Dispatcher(ABC):
     async def status(self, job_id: str) -> str:
         """queued | running | succeeded | failed | cancelled | deadline_exceeded | unknown"""
 
+    async def note(self, job_id: str) -> str:
+        """Why a job waits longer than usual (e.g. its worker was lost); "" when nothing did."""
+        return ""
+
     async def ready(self) -> bool:
         """Serving: the default model can run jobs now."""
         return any(m.ready for m in await self.models() if m.name == self.default_model)

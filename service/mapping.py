@@ -230,7 +230,7 @@ def event_to_proto(event: dict[str, Any]) -> pb.GenerateEvent | None:
 # ---- batches -------------------------------------------------------------------------------
 
 
-def batch_to_proto(rec: dict[str, Any]) -> pb.BatchJob:
+def batch_to_proto(rec: dict[str, Any], note: str = "") -> pb.BatchJob:
     counts = rec.get("counts") or {}
     total = int(counts.get("total") or 0)
     done = sum(int(counts.get(k) or 0) for k in ("succeeded", "failed", "cancelled"))
@@ -248,6 +248,7 @@ def batch_to_proto(rec: dict[str, Any]) -> pb.BatchJob:
         idempotency_key=rec.get("idempotency_key", ""),
         created_at=float(rec.get("created_at") or 0.0),
         finished_at=float(rec.get("finished_at") or 0.0),
+        note=note,
     )
 
 

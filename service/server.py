@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -280,7 +281,16 @@ class UnmaskServicer(pb_grpc.UnmaskServicer):
 
     @unary
     async def GetJob(self, request, context):
-        return mapping.batch_to_proto(await self._batch(request.id))
+        rec = await self._batch(request.id)
+        note = await self._batch_note(request.id) if rec["status"] not in FINISHED else ""
+        return mapping.batch_to_proto(rec, note)
+
+    async def _batch_note(self, batch_id: str, limit: int = 64) -> str:
+        """The notes of the batch's items in flight (at most `limit` asked), counted."""
+        flights = list((await self.store.inflight(batch_id)).values())[:limit]
+        notes = await asyncio.gather(*(self.dispatcher.note(f["job_id"]) for f in flights))
+        counts = Counter(n for n in notes if n)
+        return "; ".join(f"{k} item{'s' if k > 1 else ''} {n}" for n, k in counts.items())
 
     @unary
     async def ListJobs(self, request, context):

@@ -273,3 +273,29 @@ def test_a_job_that_kills_its_worker_fails_after_3_deliveries(fleet, jobs):
     ok = jobs.submit(_req(1))
     assert jobs.result(ok, timeout=60)["status"] == protocol.SUCCEEDED
     assert fleet.all[-1].proc.poll() is None
+
+
+def test_a_batch_whose_worker_was_killed_says_why_its_items_wait(fleet, jobs, redis_server):  # noqa: F811
+    """GetJob (and `unmask batch status`) name the lost worker while its items are requeued."""
+    from unmask.client import Client
+    from unmask.service.server import ServerThread
+
+    survivor, victim = fleet.start(concurrency=4), fleet.start()
+    lost_worker = fleet.hostname(victim)
+    r = jobs._redis
+    settings = Settings(broker_url=redis_server.url, model_name=MODEL)
+    params = {"gen_length": 96, "steps": 96, "stop_at_eos": False}
+    rows = [{"custom_id": f"b{i}", "body": {"prompt": f"Batch {i}", "params": params}}
+            for i in range(4)]  # fmt: skip
+    with ServerThread(settings) as srv, Client(f"127.0.0.1:{srv.port}", timeout=60) as client:
+        batch = client.submit_batch(rows)
+        wait_until(lambda: any(_stepping(r, j) for j, w in _claims(r).items() if w == lost_worker),
+                   60, "a batch item on the victim to be stepping")  # fmt: skip
+        victim.kill9()
+        note = wait_until(lambda: client.get_batch(batch.id).note, 30, "a note on the batch",
+                          every=0.05)  # fmt: skip
+        assert f"requeued after worker {lost_worker} was lost" in note, note
+        assert note.split()[0].isdigit() and "item" in note  # "1 item requeued after …"
+        done = client.wait_batch(batch.id, timeout=120)
+        assert done.counts["succeeded"] == 4 and done.note == "", done
+    assert survivor.proc.poll() is None

@@ -90,6 +90,7 @@ class BatchJob:
     idempotency_key: str = ""
     created_at: float = 0.0
     finished_at: float = 0.0
+    note: str = ""  # why items wait longer than usual (GetJob), e.g. a lost worker
 
     @property
     def done(self) -> bool:
@@ -145,7 +146,7 @@ def batch_from_proto(b: pb.BatchJob) -> BatchJob:
     counts = {"total": c.total, "succeeded": c.succeeded, "failed": c.failed,
               "cancelled": c.cancelled, "pending": c.pending}  # fmt: skip
     return BatchJob(b.id, _BATCH_STATUS.get(b.status, "unknown"), counts, b.model,
-                    b.idempotency_key, b.created_at, b.finished_at)  # fmt: skip
+                    b.idempotency_key, b.created_at, b.finished_at, b.note)  # fmt: skip
 
 
 def item_from_proto(r: pb.BatchItemResult) -> dict[str, Any]:

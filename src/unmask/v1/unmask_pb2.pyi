@@ -237,7 +237,7 @@ class BatchCounts(_message.Message):
     def __init__(self, total: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
 
 class BatchJob(_message.Message):
-    __slots__ = ("id", "status", "counts", "model", "idempotency_key", "created_at", "finished_at")
+    __slots__ = ("id", "status", "counts", "model", "idempotency_key", "created_at", "finished_at", "note")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +245,7 @@ class BatchJob(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: BatchStatus
     counts: BatchCounts
@@ -252,7 +253,8 @@ class BatchJob(_message.Message):
     idempotency_key: str
     created_at: float
     finished_at: float
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[BatchStatus, str]] = ..., counts: _Optional[_Union[BatchCounts, _Mapping]] = ..., model: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    note: str
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[BatchStatus, str]] = ..., counts: _Optional[_Union[BatchCounts, _Mapping]] = ..., model: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., note: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
