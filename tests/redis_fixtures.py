@@ -98,6 +98,15 @@ class RedisServer:
             self.proc.wait(10)
 
 
+def worker_env(broker_url: str, model_dir: Path, **settings: object) -> dict[str, str]:
+    """UNMASK_* variables of a CPU test worker (one kernel thread, results kept 10 minutes);
+    `settings` adds or overrides Settings fields by name: worker_env(..., max_batch=4)."""
+    env = {"UNMASK_BROKER_URL": broker_url, "UNMASK_MODEL": str(model_dir),
+           "UNMASK_DEVICE": "cpu", "UNMASK_RESULT_TTL_S": "600",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
+    return env | {f"UNMASK_{k.upper()}": str(v) for k, v in settings.items()}
+
+
 class WorkerProcess:
     """One `unmask worker` subprocess; `env` holds its UNMASK_* settings."""
 

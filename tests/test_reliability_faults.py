@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis_fixtures import RedisServer, WorkerProcess, wait_until
+from redis_fixtures import RedisServer, WorkerProcess, wait_until, worker_env
 from tcp_proxy import TcpProxy
 
 from unmask.client import Client, ServiceError
@@ -106,17 +106,8 @@ class Fleet:
     running."""
 
     def __init__(self, proxy: TcpProxy, model_dir: Path, logdir: Path, jobs: JobQueue) -> None:
-        self.env = {
-            **{f"UNMASK_{k.upper()}": str(v) for k, v in LIMITS.items()},
-            "UNMASK_BROKER_URL": proxy.url(),
-            "UNMASK_MODEL": str(model_dir),
-            "UNMASK_HEARTBEAT_S": "0.5",
-            "UNMASK_MAX_BATCH": str(CONCURRENCY),
-            "UNMASK_RESULT_TTL_S": "600",
-            "UNMASK_DEVICE": "cpu",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-        }
+        self.env = worker_env(proxy.url(), model_dir, heartbeat_s=0.5, max_batch=CONCURRENCY,
+                              **LIMITS)  # fmt: skip
         self.logdir = logdir
         self.jobs = jobs
         self.all: list[WorkerProcess] = []

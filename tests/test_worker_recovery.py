@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis_fixtures import WorkerProcess, redis_server, wait_until  # noqa: F401
+from redis_fixtures import WorkerProcess, redis_server, wait_until, worker_env  # noqa: F401
 from tcp_proxy import TcpProxy
 
 from unmask.engine.request import GenerationRequest
@@ -40,15 +40,7 @@ class Fleet:
     """`unmask worker` processes for one test; `heartbeat_s` defaults to the Settings default."""
 
     def __init__(self, url: str, model_dir: Path, logdir: Path, jobs: JobQueue) -> None:
-        self.env = {
-            "UNMASK_BROKER_URL": url,
-            "UNMASK_MODEL": str(model_dir),
-            "UNMASK_DEVICE": "cpu",
-            "UNMASK_MAX_BATCH": "4",
-            "UNMASK_RESULT_TTL_S": "600",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-        }
+        self.env = worker_env(url, model_dir, max_batch=4)
         self.logdir = logdir
         self.jobs = jobs
         self.all: list[WorkerProcess] = []
