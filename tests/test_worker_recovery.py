@@ -291,3 +291,19 @@ def test_a_batch_whose_worker_was_killed_says_why_its_items_wait(fleet, jobs, re
         done = client.wait_batch(batch.id, timeout=120)
         assert done.counts["succeeded"] == 4 and done.note == "", done
     assert survivor.proc.poll() is None
+
+
+def test_a_publish_that_fails_leaves_no_queued_job_behind(redis_server):  # noqa: F811
+    """Submit fails (here: a real Redis user that may not LPUSH onto the queue, as when Redis goes
+    down between the calls): the caller gets UNAVAILABLE and no job id says "queued"."""
+    r = redis.Redis.from_url(redis_server.url)
+    r.execute_command("ACL", "SETUSER", "nopush", "on", ">pw", "~*", "&*", "+@all", "-lpush")
+    url = f"redis://nopush:pw@127.0.0.1:{redis_server.port}/0"
+    try:
+        with JobQueue(Settings(broker_url=url, model_name=MODEL)) as q:
+            req = _req(99)
+            with pytest.raises(protocol.BrokerUnavailable):
+                q.submit(req)
+        assert not r.exists(protocol.status_key(req.job_id))
+    finally:
+        r.execute_command("ACL", "DELUSER", "nopush")

@@ -12,6 +12,7 @@ unreachable Redis surfaces as `BrokerUnavailable` within about two seconds inste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -143,7 +144,6 @@ class JobQueue:
                 field="queue",
                 value=q,
             )
-        self._call(r.set, status_key(request.job_id), QUEUED, ex=self.settings.result_ttl_s)
         try:
             self.app.send_task(
                 TASK_NAME,
@@ -155,6 +155,12 @@ class JobQueue:
             )
         except Exception as exc:  # kombu's OperationalError, a socket error, a redis error
             raise _unavailable(self.settings.broker_url, exc) from exc
+        # "queued" only once the message is on the queue: written before, a publish that failed
+        # (Redis going down) left a job id that said "queued" for a day and never ran (found by
+        # tests/test_soak.py). NX: a worker that was quicker has already written its status.
+        # Best effort: the job is accepted now, and the worker writes its status anyway.
+        with contextlib.suppress(redis.RedisError, OSError):
+            r.set(status_key(request.job_id), QUEUED, ex=self.settings.result_ttl_s, nx=True)
         return request.job_id
 
     # ---- job state -------------------------------------------------------------------------
