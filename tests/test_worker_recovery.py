@@ -103,6 +103,15 @@ def _restart_times(jobs: JobQueue, ids: list[str], t0: float, timeout: float) ->
     return seen
 
 
+def _assert_restarted_in_time(jobs: JobQueue, fleet: Fleet, interrupted: list[str], t0: float,
+                              what: str) -> None:  # fmt: skip
+    """The lost worker's jobs ran again within RESTART_GOAL_S of t0 (the kill); prints the times."""
+    times = _restart_times(jobs, interrupted, t0, timeout=60)
+    print(f"\n{what}: its {len(times)} job(s) restarted after "
+          f"{', '.join(f'{t:.1f}' for t in sorted(times.values()))} s")  # fmt: skip
+    assert max(times.values()) < RESTART_GOAL_S, (times, fleet.logs())
+
+
 def _check_exactly_once(jobs: JobQueue, ids: list[str], lost: list[str], worker: str) -> None:
     """Every job succeeded once; the `lost` ones ran twice and say why."""
     for j in ids:
@@ -183,11 +192,7 @@ def test_kill_9_a_worker_its_jobs_restart_on_the_survivor_within_15_s(fleet, job
     t0 = time.monotonic()
     interrupted = [j for j in mine if not r.exists(protocol.result_key(j))]
     assert interrupted, "the victim's jobs finished before the kill: make them longer"
-    times = _restart_times(jobs, interrupted, t0, timeout=60)
-    worst = max(times.values())
-    print(f"\nkill -9 of one of two workers: its {len(times)} job(s) restarted after "
-          f"{', '.join(f'{t:.1f}' for t in sorted(times.values()))} s")  # fmt: skip
-    assert worst < RESTART_GOAL_S, (times, fleet.logs())
+    _assert_restarted_in_time(jobs, fleet, interrupted, t0, "kill -9 of one of two workers")
     _check_exactly_once(jobs, ids, interrupted, lost_worker)
     assert survivor.proc.poll() is None
 
@@ -204,11 +209,8 @@ def test_kill_9_the_only_worker_a_new_one_restarts_its_jobs_within_15_s(fleet, j
     assert interrupted
     fleet.start()  # nobody else is left to requeue: the new worker sweeps once it is up
     started = time.monotonic() - t0
-    times = _restart_times(jobs, interrupted, t0, timeout=60)
-    worst = max(times.values())
-    print(f"\nkill -9 of the only worker, a new one started ({started:.1f} s to its first "
-          f"heartbeat): its jobs restarted after {worst:.1f} s")  # fmt: skip
-    assert worst < RESTART_GOAL_S, (times, fleet.logs())
+    _assert_restarted_in_time(jobs, fleet, interrupted, t0, "kill -9 of the only worker, a new "
+                              f"one started ({started:.1f} s to its first heartbeat)")  # fmt: skip
     _check_exactly_once(jobs, ids, interrupted, lost_worker)
 
 
