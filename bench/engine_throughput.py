@@ -56,9 +56,9 @@ def requests(n: int, length: int, steps: int, model: str = "default") -> list[Ge
     ]
 
 
-def summarise(name: str, wall: float, results: list[dict], extra: dict | None = None) -> dict:
-    ok = [r for r in results if r["status"] == SUCCEEDED]
-    tokens = sum(r["usage"].get("generated_tokens", 0) for r in ok)
+def summarise(name: str, wall: float, results: list, extra: dict | None = None) -> dict:
+    ok = [r for r in results if r.status == SUCCEEDED]
+    tokens = sum(r.usage.get("generated_tokens", 0) for r in ok)
     row = {
         "mode": name,
         "jobs": len(results),
@@ -81,7 +81,7 @@ def run_engine(gen: Generator, reqs: list[GenerationRequest], batching: bool, ma
     with Engine(gen, max_batch=max_batch, batching=batching, max_queue=len(reqs) + 1) as engine:
         t0 = time.perf_counter()
         handles = [engine.submit(r) for r in reqs]
-        results = [h.result(timeout=3600).to_dict() for h in handles]
+        results = [h.result(timeout=3600) for h in handles]
         wall = time.perf_counter() - t0
         extra = {"forward_passes": engine.forward_passes, "rows_run": engine.rows_run}
     name = f"engine batched (max_batch {max_batch})" if batching else "engine one job at a time"

@@ -25,13 +25,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from unmask.engine.request import GenerationRequest
-from unmask.errors import UnmaskError
+from unmask.engine.result import CANCELLED, DEADLINE, FAILED, SUCCEEDED, GenerationResult
+from unmask.errors import Cancelled, DeadlineExceeded, NotReady, QueueFull, UnmaskError, error_dict
 from unmask.models.block_sampler import new_state
 from unmask.models.generation import Generation, Generator, Prepared
 from unmask.models.network import KVCache
@@ -47,36 +48,12 @@ from unmask.tokenizers.specials import NUM_SPECIAL
 
 log = logging.getLogger("unmask.engine")
 
-# Terminal statuses of a job (the service maps them to gRPC codes).
-SUCCEEDED, FAILED, CANCELLED, DEADLINE = "succeeded", "failed", "cancelled", "deadline_exceeded"
-
 RESTART_DELAY_S = 0.1  # the watchdog waits this long before restarting a dead loop thread...
 MAX_RESTART_DELAY_S = 2.0  # ...doubling with each death in a row, up to this
 # After this many deaths in a row (no whole turn between them) the active jobs are failed: one of
 # them may be what kills the loop, and a job must not keep the Engine down forever.
 CRASH_LOOP_DEATHS = 3
 WATCH_INTERVAL_S = 0.5  # how often the watchdog looks up from the thread it guards for close()
-
-
-class QueueFull(UnmaskError):
-    """The Engine's admission queue is full: back-pressure, try again later."""
-
-
-@dataclass
-class JobResult:
-    job_id: str
-    status: str  # succeeded | failed | cancelled | deadline_exceeded
-    output_text: str = ""
-    output_midi: bytes = b""
-    usage: dict[str, Any] = field(default_factory=dict)
-    error: dict[str, Any] | None = None  # {"type", "field", "message"} when failed
-
-    def to_dict(self) -> dict[str, Any]:
-        import base64
-
-        d = {k: v for k, v in self.__dict__.items() if k != "output_midi"}
-        d["output_midi_b64"] = base64.b64encode(self.output_midi).decode()
-        return d
 
 
 class JobHandle:
@@ -87,7 +64,7 @@ class JobHandle:
         self.job_id = request.job_id
         self._events: queue.Queue[dict | None] = queue.Queue()
         self._done = threading.Event()
-        self._result: JobResult | None = None
+        self._result: GenerationResult | None = None
         self.cancel_requested = threading.Event()
 
     def cancel(self) -> None:
@@ -96,7 +73,7 @@ class JobHandle:
     def done(self) -> bool:
         return self._done.is_set()
 
-    def result(self, timeout: float | None = None) -> JobResult:
+    def result(self, timeout: float | None = None) -> GenerationResult:
         if not self._done.wait(timeout):
             raise TimeoutError(f"job {self.job_id} still running after {timeout}s")
         assert self._result is not None
@@ -114,11 +91,11 @@ class JobHandle:
     def _emit(self, event: dict) -> None:
         self._events.put(event)
 
-    def _resolve(self, result: JobResult) -> None:
+    def _resolve(self, result: GenerationResult) -> None:
         if self._done.is_set():  # the first outcome stands (a retirement that raised half-way)
             return
         self._result = result
-        self._emit({"type": "final", **result.to_dict()})
+        self._emit({"type": "final", "result": result})
         self._events.put(None)
         self._done.set()
 
@@ -214,7 +191,7 @@ class Engine:
             self._lock.notify_all()
         return handle
 
-    def run_one(self, request: GenerationRequest) -> JobResult:
+    def run_one(self, request: GenerationRequest) -> GenerationResult:
         return self.submit(request).result()
 
     # ---- the loop thread and its watchdog --------------------------------------------------
@@ -254,7 +231,8 @@ class Engine:
         message = f"the engine thread died {deaths} times in a row while this job was active"
         for a in list(self._active):
             log.error("job %s failed: %s", a.handle.job_id, message)
-            self._end(a, FAILED, error={"type": "EngineCrashed", "field": None, "message": message})
+            self._end(a, FAILED, error={"type": "EngineCrashed", "code": "INTERNAL", "field": None,
+                                        "message": message})  # fmt: skip
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)  # per thread: a restarted loop needs it again
@@ -273,13 +251,13 @@ class Engine:
             return not self._stop
 
     def _drain(self) -> None:
-        closed = {"type": "Shutdown", "message": "engine closed"}
+        closed = error_dict(NotReady("the engine closed before the job finished"))
         for a in list(self._active):
             self._end(a, CANCELLED, error=closed)
         with self._lock:
             queued, self._queue = list(self._queue), deque()
         for handle, _ in queued:
-            handle._resolve(JobResult(handle.job_id, CANCELLED, error=closed))
+            handle._resolve(GenerationResult(handle.job_id, CANCELLED, error=closed))
 
     # ---- admission and interruption ---------------------------------------------------------
     def _admit_queued(self) -> None:
@@ -293,7 +271,7 @@ class Engine:
                 self._active.append(self._prepare(handle, should_cancel))
             except Exception as exc:
                 _log_failure(handle.job_id, "admit", exc)
-                handle._resolve(JobResult(handle.job_id, FAILED, error=_error(exc)))
+                handle._resolve(GenerationResult(handle.job_id, FAILED, error=_error(exc)))
 
     def _prepare(self, handle: JobHandle, should_cancel: Callable[[], bool] | None) -> _Active:
         job = self.generator.prepare(handle.request)
@@ -323,10 +301,9 @@ class Engine:
     def _end_if_interrupted(self, a: _Active, now: float) -> None:
         deadline = a.handle.request.deadline
         if a.handle.cancel_requested.is_set() or (a.should_cancel and a.should_cancel()):
-            self._end(a, CANCELLED, error={"type": "Cancelled", "message": "job cancelled"})
+            self._end(a, CANCELLED, error=error_dict(Cancelled("job cancelled")))
         elif deadline is not None and now > deadline:
-            self._end(a, DEADLINE, error={"type": "DeadlineExceeded",
-                                          "message": "the job's deadline passed"})  # fmt: skip
+            self._end(a, DEADLINE, error=error_dict(DeadlineExceeded("the job's deadline passed")))
 
     # ---- one step ----------------------------------------------------------------------------
     def _step(self) -> None:
@@ -436,7 +413,7 @@ class Engine:
         if usage is None and a.state is not None:
             usage = {"nfe": a.state.nfe, "steps": a.state.step, "finish_reason": status,
                      "latency_s": round(time.perf_counter() - a.started, 4)}  # fmt: skip
-        a.handle._resolve(JobResult(a.handle.job_id, status, text, midi, usage or {}, error))
+        a.handle._resolve(GenerationResult(a.handle.job_id, status, text, midi, usage or {}, error))
 
 
 def _emit_step(a: _Active, ev: StepEvent) -> None:
@@ -463,10 +440,8 @@ def _log_failure(job_id: str, stage: str, exc: Exception) -> None:
 
 
 def _error(exc: Exception) -> dict[str, Any]:
-    if isinstance(exc, UnmaskError):
-        return {"type": type(exc).__name__, "field": exc.field, "message": exc.message}
     try:
-        message = str(exc)
+        return error_dict(exc)
     except Exception:  # an exception that cannot even print itself must still fail its job
-        message = ""
-    return {"type": type(exc).__name__, "field": None, "message": message or type(exc).__name__}
+        return {"type": type(exc).__name__, "code": "INTERNAL", "field": None,
+                "message": type(exc).__name__}  # fmt: skip

@@ -15,7 +15,7 @@ Two stores behind one interface:
     unmask:batch:<id>:results     hash: custom_id -> item result (JSON)
     unmask:batch:<id>:order       list: custom_ids in the order they finished
     unmask:batch:<id>:lock        the runner's lease (one front end advances a batch at a time)
-    unmask:batch:idem:<key>       idempotency key -> batch id
+    unmask:batch:idem:<key>       idempotency key -> "<batch id> <content hash>"
     unmask:batches                zset: batch id by creation time (ListJobs)
     unmask:batches:active         set: batches still running
 
@@ -30,8 +30,8 @@ RECOVER_AFTER_S. A finished batch expires after `result_ttl_s`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -41,9 +41,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from unmask.engine.request import GenerationRequest
-from unmask.errors import UnmaskError
+from unmask.engine.result import FAILED, GenerationResult
+from unmask.errors import Cancelled, UnmaskError, error_dict
 from unmask.service.dispatch import Dispatcher
-from unmask.service.status import code_for_error, code_for_exception, error_dict
 
 log = logging.getLogger("unmask.service.batches")
 
@@ -58,37 +58,55 @@ def new_batch_id() -> str:
     return "batch_" + uuid.uuid4().hex
 
 
-def item_result(custom_id: str, modality: str, result: dict[str, Any]) -> dict[str, Any]:
+class IdempotencyConflict(UnmaskError):
+    """An idempotency key sent again with different items or options: not a retry of the batch
+    the key names, so that batch is not returned."""
+
+    code = "FAILED_PRECONDITION"
+
+
+def _idempotency_conflict(key: str, batch_id: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"idempotency key {key!r} was used for batch {batch_id} with different items or options;"
+        " send the same batch again to get it, or use a new key",
+        field="idempotency_key",
+        value=key,
+    )
+
+
+_PER_SUBMISSION = ("job_id", "deadline")  # new on every submission: not what the batch asks for
+
+
+def batch_content_hash(record: dict[str, Any], items: list[dict[str, Any]]) -> str:
+    """sha256 of what a batch asks for (its model and its items, in order) as canonical JSON:
+    the same batch sent again hashes the same, whatever job ids its requests were given."""
+
+    def content(item: dict[str, Any]) -> dict[str, Any]:
+        req = item.get("request")
+        if isinstance(req, dict):
+            req = {k: v for k, v in req.items() if k not in _PER_SUBMISSION}
+        return {**item, "request": req}
+
+    doc = {"model": record.get("model") or "", "items": [content(i) for i in items]}
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def item_result(custom_id: str, modality: str, result: GenerationResult) -> dict[str, Any]:
     """A finished job's result → the stored (JSON) item result."""
-    status = result.get("status", "failed")
-    error = result.get("error")
-    if status != "succeeded":
-        error = dict(error or {})
-        error["code"] = code_for_error(error, status).name
-    midi = result.get("output_midi") or b""
-    return {
-        "custom_id": custom_id,
-        "job_id": result.get("job_id", ""),
-        "status": status,
-        "modality": modality,
-        "output_text": result.get("output_text", ""),
-        "output_midi_b64": base64.b64encode(midi).decode() if midi else "",
-        "usage": result.get("usage") or {},
-        "error": error if status != "succeeded" else None,
-    }
+    return {"custom_id": custom_id, "modality": modality, **result.to_wire()}
 
 
 def cancelled_item(custom_id: str, modality: str) -> dict[str, Any]:
-    return item_result(custom_id, modality, {
-        "status": "cancelled",
-        "error": {"type": "Cancelled", "field": None, "message": "the batch was cancelled"},
-    })  # fmt: skip
+    cancelled = error_dict(Cancelled("the batch was cancelled"))
+    return item_result(custom_id, modality, GenerationResult("", CANCELLED, error=cancelled))
 
 
 class BatchStore(ABC):
     @abstractmethod
     async def create(self, record: dict[str, Any], items: list[dict[str, Any]]) -> tuple[str, bool]:
-        """Store a new batch; with an idempotency key already used, (existing id, False)."""
+        """Store a new batch; with an idempotency key already used, (existing id, False), or
+        IdempotencyConflict if that batch's content (`batch_content_hash`) differs."""
 
     @abstractmethod
     async def get(self, batch_id: str) -> dict[str, Any] | None: ...
@@ -164,13 +182,17 @@ class MemoryBatchStore(BatchStore):
         self._inflight: dict[str, dict[str, dict[str, Any]]] = {}
         self._results: dict[str, dict[str, dict[str, Any]]] = {}
         self._order: dict[str, list[str]] = {}
-        self._idem: dict[str, str] = {}
+        self._idem: dict[str, tuple[str, str]] = {}  # key -> (batch id, content hash)
         self._items: dict[str, dict[str, dict[str, Any]]] = {}
 
     async def create(self, record, items):
         key = record.get("idempotency_key")
-        if key and key in self._idem and self._idem[key] in self._recs:
-            return self._idem[key], False
+        digest = batch_content_hash(record, items) if key else ""
+        if key and key in self._idem and self._idem[key][0] in self._recs:
+            existing, existing_digest = self._idem[key]
+            if existing_digest != digest:
+                raise _idempotency_conflict(key, existing)
+            return existing, False
         bid = record["id"]
         self._recs[bid] = {**record, "status": RUNNING, "finished_at": 0.0, "total": len(items),
                            "succeeded": 0, "failed": 0, "cancelled": 0,
@@ -179,7 +201,7 @@ class MemoryBatchStore(BatchStore):
         self._inflight[bid], self._results[bid], self._order[bid] = {}, {}, []
         self._items[bid] = {i["custom_id"]: i for i in items}
         if key:
-            self._idem[key] = bid
+            self._idem[key] = (bid, digest)
         return bid, True
 
     async def get(self, batch_id):
@@ -326,11 +348,16 @@ class RedisBatchStore(BatchStore):
             pipe.rpush(self._k(bid, "pending"), *(i["custom_id"] for i in chunk))
         await pipe.execute()
         if key:
-            idem = self._idem(key)
-            while not await self.r.set(idem, bid, nx=True):
-                existing = (await self.r.get(idem) or b"").decode()
+            # the key's value holds the batch id and its content hash, claimed in one SET NX
+            idem, digest = self._idem(key), batch_content_hash(record, items)
+            while not await self.r.set(idem, f"{bid} {digest}", nx=True):
+                value = (await self.r.get(idem) or b"").decode()
+                existing, _, existing_digest = value.partition(" ")
                 if existing and await self.r.exists(self._k(existing)):
                     await self.r.delete(*self._keys(bid))
+                    # no hash: a key stored before hashes were (the batch is returned as before)
+                    if existing_digest and existing_digest != digest:
+                        raise _idempotency_conflict(key, existing)
                     return existing, False
                 await self.r.delete(idem)  # the batch it named has expired
         pipe = self.r.pipeline(transaction=True)
@@ -523,13 +550,12 @@ class BatchRunner:
                 request = GenerationRequest.from_dict(item["request"])
                 await self.dispatcher.submit(request, events=False)
             except UnmaskError as exc:
-                code = code_for_exception(exc).name
-                if code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):  # back-pressure: later
+                if exc.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):  # back-pressure: later
                     for rest in reversed(items[i:]):
                         await self.store.put_back(batch_id, rest)
                     return
-                failed = {"status": "failed", "job_id": item["request"].get("job_id", ""),
-                          "error": error_dict(exc)}  # fmt: skip
+                failed = GenerationResult(item["request"].get("job_id", ""), FAILED,
+                                          error=error_dict(exc))  # fmt: skip
                 await self.store.record(
                     batch_id,
                     item_result(item["custom_id"], item["request"].get("modality", ""), failed),

@@ -18,8 +18,9 @@ import redis
 import redis.asyncio as aioredis
 
 from unmask.engine.request import GenerationRequest
-from unmask.service.dispatch import Dispatcher, ModelInfo, normalise_result
-from unmask.service.status import NotFound
+from unmask.engine.result import GenerationResult
+from unmask.errors import NotFound
+from unmask.service.dispatch import Dispatcher, ModelInfo
 from unmask.settings import Settings
 from unmask.workers.client import JobQueue
 from unmask.workers.protocol import (
@@ -82,8 +83,10 @@ class CeleryDispatcher(Dispatcher):
         return await self._call(self.queue.submit, request)
 
     async def _final(self, job_id: str) -> dict[str, Any]:
-        result = await self._call(self.queue.result, job_id, RESULT_FETCH_S)
-        return {"type": "final", **normalise_result(result)}
+        return {
+            "type": "final",
+            "result": await self._call(self.queue.result, job_id, RESULT_FETCH_S),
+        }
 
     async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         key, last = events_key(job_id), "0-0"
@@ -104,10 +107,10 @@ class CeleryDispatcher(Dispatcher):
     async def cancel(self, job_id: str) -> None:
         await self._call(self.queue.cancel, job_id)
 
-    async def poll(self, job_id: str) -> dict[str, Any] | None:
+    async def poll(self, job_id: str) -> GenerationResult | None:
         if not await self._r(self._redis.exists(result_key(job_id))):
             return None
-        return normalise_result(await self._call(self.queue.result, job_id, RESULT_FETCH_S))
+        return await self._call(self.queue.result, job_id, RESULT_FETCH_S)
 
     async def status(self, job_id: str) -> str:
         return (await self._call(self.queue.status, job_id))["status"]

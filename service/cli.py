@@ -1,8 +1,11 @@
-"""`unmask serve | midi | batch` and the `--server` side of `unmask generate | infill`.
+"""`unmask generate | infill | midi | serve | batch | health`: the service's commands.
 
-With `--server HOST:PORT` a command goes through the gRPC client (`unmask.client`); without it,
-`generate`, `infill` and `midi` run the model in-process (the same request mapping, an Engine).
-`batch` always talks to a server (the batch store lives there).
+`generate`, `infill` and `midi` take one path: build the request (the client's proto builders,
+mapped by `service.mapping` like any gRPC call), then hand it to a Dispatcher: a server with
+`--server HOST:PORT` (only grpc is imported: no torch), else an in-process `LocalDispatcher`,
+the same one `unmask serve` runs. `batch` always talks to a server (the batch store lives
+there). Mistakes a user can make (a missing file, an unwritable --out, TLS files) are one
+line and exit 2, checked before any work is sent.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("serve", "midi", "batch", "health")  # torch-free to start (see src/unmask/cli.py)
+COMMANDS = ("generate", "infill", "midi", "serve", "batch", "health")  # torch-free to start
 
 
 # ---- shared flags --------------------------------------------------------------------------
@@ -56,7 +59,7 @@ def client_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(msg: Any, args: argparse.Namespace) -> Any:
-    """A GenerateRequest through the server (--server) or an in-process Engine."""
+    """A GenerateRequest through the server (--server) or an in-process LocalDispatcher."""
     from unmask.service.live_view import CanvasView
 
     modality = {1: "text", 2: "code", 3: "midi"}.get(msg.modality, "text")
@@ -70,30 +73,73 @@ def run(msg: Any, args: argparse.Namespace) -> Any:
                 if event["type"] == "final":
                     return event["generation"]
         raise RuntimeError("the stream ended without a final event")
-    return run_embedded(msg, args, view)
+    import asyncio
+
+    return asyncio.run(_run_local(msg, args, view))
 
 
-def run_embedded(msg: Any, args: argparse.Namespace, view: Any = None) -> Any:
+async def _run_local(msg: Any, args: argparse.Namespace, view: Any = None) -> Any:
     from unmask.client import Generation
-    from unmask.engine.engine import SUCCEEDED, Engine
-    from unmask.models.generation import Generator
     from unmask.service import mapping
-    from unmask.service.dispatch import resolve_device
+    from unmask.service.dispatch import LocalDispatcher
     from unmask.service.status import JobFailed
+    from unmask.settings import Settings
 
-    request = mapping.generation_request(msg)
-    generator = Generator.load(args.model, device=resolve_device(args.device))
-    with Engine(generator, max_batch=1) as engine:
-        handle = engine.submit(request)
-        for event in handle.events():
+    settings = Settings.from_env().with_overrides(model=args.model, device=args.device,
+                                                  max_batch=1)  # fmt: skip
+    request = mapping.generation_request(msg, default_model=settings.model_name)
+    dispatcher = LocalDispatcher(settings)
+    await dispatcher.start()
+    try:
+        await dispatcher.wait_ready()
+        job_id = await dispatcher.submit(request)
+        async for event in dispatcher.events(job_id):
             if view is not None:
                 view.update(event)
-        res = handle.result()
-    if res.status != SUCCEEDED:
-        error = dict(res.error or {})
-        error["field"] = mapping.proto_field(error.get("field"))
-        raise JobFailed(res.status, error)
-    return Generation(res.job_id, request.modality, res.output_text, res.output_midi, res.usage)
+            if event.get("type") == "final":
+                result = event["result"]
+    finally:
+        await dispatcher.close()
+    if not result.ok:
+        failed = JobFailed(result)
+        failed.field = mapping.proto_field(failed.field)
+        raise failed
+    return Generation(result.job_id, request.modality, result.output_text, result.output_midi,
+                      result.usage)  # fmt: skip
+
+
+def check_writable(path: str | None, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written before any work is done."""
+    from unmask.errors import InvalidArgument
+
+    if not path:
+        return
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise InvalidArgument("is a directory; give a file name", field=flag, value=path)
+    if not parent.is_dir():
+        raise InvalidArgument(f"the folder {str(parent)!r} does not exist", field=flag, value=path)
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise InvalidArgument("cannot be written (permission denied)", field=flag, value=path)
+
+
+def read_input(path: str, flag: str, binary: bool = False) -> str | bytes:
+    """A file the user named, or one clear error naming the flag."""
+    from unmask.errors import InvalidArgument
+
+    try:
+        return Path(path).read_bytes() if binary else Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidArgument("no such file", field=flag, value=path) from None
+    except IsADirectoryError:
+        raise InvalidArgument("is a directory, not a file", field=flag, value=path) from None
+    except PermissionError:
+        raise InvalidArgument(
+            "cannot be read (permission denied)", field=flag, value=path
+        ) from None
+    except UnicodeDecodeError:
+        raise InvalidArgument("is not UTF-8 text", field=flag, value=path) from None
 
 
 def emit(gen: Any, args: argparse.Namespace) -> int:
@@ -136,8 +182,6 @@ def _ints(text: str | None, flag: str) -> list[int]:
 
 
 def _params(args: argparse.Namespace) -> Any:
-    from unmask.models.cli import params_from_args
-
     return params_from_args(args)
 
 
@@ -150,11 +194,15 @@ def _model_name(args: argparse.Namespace) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from unmask.client import generate_request
+    from unmask.errors import InvalidArgument
 
+    check_writable(args.out)
     if args.prompt_file:
-        prompt: str | bytes = Path(args.prompt_file).read_text(encoding="utf-8")
-    elif getattr(args, "prompt_midi", None):
-        prompt = Path(args.prompt_midi).read_bytes()
+        prompt: str | bytes = read_input(args.prompt_file, "--prompt-file")
+    elif args.prompt_midi:
+        if args.modality != "midi":
+            raise InvalidArgument("--prompt-midi needs --modality midi", field="--prompt-midi")
+        prompt = read_input(args.prompt_midi, "--prompt-midi", binary=True)
     else:
         prompt = args.prompt or ""
     if isinstance(prompt, str) and args.modality == "midi":
@@ -169,14 +217,17 @@ def cmd_infill(args: argparse.Namespace) -> int:
     from unmask.client import infill_request, midi_request
     from unmask.errors import InvalidArgument
 
+    check_writable(args.out)
     if args.modality == "midi":
         if not args.midi or not args.bars:
             raise InvalidArgument("MIDI infill needs --midi FILE and --bars", field="--bars")
-        msg = midi_request(args.midi, bars=_ints(args.bars, "--bars"),
+        midi = read_input(args.midi, "--midi", binary=True)
+        msg = midi_request(midi, bars=_ints(args.bars, "--bars"),
                            tracks=_ints(args.tracks, "--tracks"), model=_model_name(args),
                            params=_params(args))  # fmt: skip
     else:
-        template = Path(args.template_file).read_text() if args.template_file else args.template
+        template = (read_input(args.template_file, "--template-file") if args.template_file
+                    else args.template)  # fmt: skip
         if not template:
             raise InvalidArgument("give a template with [MASK:n] gaps", field="template")
         msg = infill_request(template, modality=args.modality, model=_model_name(args),
@@ -187,7 +238,7 @@ def cmd_infill(args: argparse.Namespace) -> int:
 # ---- unmask midi ---------------------------------------------------------------------------
 
 
-def _midi_msg(args: argparse.Namespace, midi: str | None) -> Any:
+def _midi_msg(args: argparse.Namespace, midi: bytes | None) -> Any:
     from unmask.client import midi_request
 
     return midi_request(
@@ -206,8 +257,10 @@ def cmd_midi(args: argparse.Namespace) -> int:
 
     if args.bars and not args.midi:
         raise InvalidArgument("rewriting bars needs --midi FILE", field="--bars")
+    check_writable(args.out)
+    midi = read_input(args.midi, "--midi", binary=True) if args.midi else None
     args.json = getattr(args, "json", False)
-    return emit(run(_midi_msg(args, args.midi), args), args)
+    return emit(run(_midi_msg(args, midi), args), args)
 
 
 # ---- unmask serve --------------------------------------------------------------------------
@@ -305,6 +358,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         elif args.batch_command == "results":
             for row in client.batch_results(args.id, follow=args.follow):
                 sys.stdout.write(json.dumps(row) + "\n")
+                sys.stdout.flush()  # a reader that left (`| head -1`) ends us here, quietly
         elif args.batch_command == "cancel":
             _print_job(client.cancel_batch(args.id))
         elif args.batch_command == "list":
@@ -317,8 +371,76 @@ def cmd_batch(args: argparse.Namespace) -> int:
 # ---- parsers -------------------------------------------------------------------------------
 
 
+def add_sampler_args(p: argparse.ArgumentParser, gen_length: int = 128) -> None:
+    """Sampler flags; a knob left out is chosen by the model (its config's sampler_defaults)."""
+    g = p.add_argument_group("sampler (unset knobs: the model's defaults for the modality)")
+    g.add_argument("--length", type=int, default=gen_length, help="tokens to generate")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps")
+    g.add_argument("--block-length", type=int, default=None, help="semi-AR block; 0 = full canvas")
+    g.add_argument("--threshold", type=float, default=None, help="confidence threshold")
+    g.add_argument("--position-score", default=None, help="probability|margin|entropy")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--remask-budget", type=int, default=None)
+    g.add_argument("--remask-threshold", type=float, default=None)
+    g.add_argument("--cache", default=None, help="none | prefix | dual")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-grammar", action="store_true", help="no MIDI grammar mask")
+
+
+_FLAGS = {"use_cache": "cache"}  # SamplerParams field -> argparse dest, where they differ
+
+
+def params_from_args(args: argparse.Namespace) -> Any:
+    """The flags given; the rest stay unset for the model's defaults (resolved by the model)."""
+    from unmask.models.sampler_params import MODEL_DEFAULTABLE, SamplerParams
+
+    values = {name: getattr(args, _FLAGS.get(name, name), None) for name in MODEL_DEFAULTABLE}
+    given = {k: v for k, v in values.items() if v is not None}
+    if given.get("block_length") == 0:
+        given["block_length"] = None
+    return SamplerParams(
+        gen_length=args.length,
+        seed=args.seed,
+        grammar=not args.no_grammar,
+        unset=tuple(k for k in MODEL_DEFAULTABLE if k not in given),
+        **given,
+    )
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None,
+        help="model directory (default: the shipped one); with --server: the model's name",
+    )  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--out", default=None, help="write the output to FILE (MIDI: required)")
+    p.add_argument("--json", action="store_true", help="print output and usage as JSON")
+    add_client_args(p)
+    add_stream_arg(p)
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from unmask.models.cli import add_sampler_args
+    p = sub.add_parser("generate", help="continue a prompt (text, code or MIDI)")
+    p.add_argument("--modality", default="text", help="text | code | midi")
+    p.add_argument("--prompt", default="", help="text or code prompt")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from a file")
+    p.add_argument("--prompt-midi", default=None, help="a .mid file to continue (midi)")
+    _common(p)
+    add_sampler_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("infill", help="fill [MASK:n] gaps of a template, or bars of a MIDI file")
+    p.add_argument("--modality", default="text", help="text | code | midi")
+    p.add_argument("template", nargs="?", default=None, help="text with [MASK:n] gaps")
+    p.add_argument("--template-file", default=None)
+    p.add_argument("--midi", default=None, help="MIDI file whose bars to rewrite")
+    p.add_argument("--bars", default=None, help="comma-separated 0-based bar numbers")
+    p.add_argument("--tracks", default=None, help="comma-separated 0-based tracks (default all)")
+    _common(p)
+    add_sampler_args(p, gen_length=32)
+    p.set_defaults(func=cmd_infill)
 
     p = sub.add_parser("serve", help="run the gRPC front end (embedded model, or Redis + workers)")
     p.add_argument("--host", default=None, help="listen address (env UNMASK_HOST)")

@@ -5,15 +5,13 @@
 - `CeleryDispatcher` (service/celery_dispatch.py): a Celery task on the model's queue in Redis;
   progress comes back through the job's Redis Stream.
 
-Both speak plain dicts. Progress events are the Engine's (`accepted`, `step`, `block`); the last
-event is always `{"type": "final", **result}` where result is
-`{"job_id", "status", "output_text", "output_midi" (bytes), "usage", "error"}`.
+Progress events are the Engine's plain dicts (`accepted`, `step`, `block`); the last event is
+always `{"type": "final", "result": GenerationResult}` (engine/result.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -23,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unmask.engine.request import GenerationRequest
-from unmask.errors import UnmaskError
-from unmask.service.status import NotFound
+from unmask.engine.result import GenerationResult
+from unmask.errors import NotFound, NotReady, UnmaskError
 from unmask.settings import Settings
 
 log = logging.getLogger("unmask.service")
@@ -32,10 +30,6 @@ log = logging.getLogger("unmask.service")
 MODALITIES = ("text", "code", "midi")
 FORGET_AFTER_S = 60.0  # a finished streamed job stays readable this long
 ENDED_KEPT = 10_000  # final statuses of forgotten streamed jobs kept for status() (~1 MB)
-
-
-class NotReady(UnmaskError):
-    """The model is still loading (local) or failed to load."""
 
 
 @dataclass
@@ -49,22 +43,6 @@ class ModelInfo:
     architecture: str = ""
     modalities: tuple[str, ...] = MODALITIES
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def normalise_result(d: dict[str, Any]) -> dict[str, Any]:
-    """A result dict from the Engine or a worker → the dispatchers' common layout."""
-    midi = d.get("output_midi")
-    if not isinstance(midi, bytes):
-        b64 = d.get("output_midi_b64") or ""
-        midi = base64.b64decode(b64) if b64 else b""
-    return {
-        "job_id": d.get("job_id", ""),
-        "status": d.get("status", "failed"),
-        "output_text": d.get("output_text") or "",
-        "output_midi": midi,
-        "usage": d.get("usage") or {},
-        "error": d.get("error"),
-    }
 
 
 class Dispatcher(ABC):
@@ -100,7 +78,7 @@ class Dispatcher(ABC):
         pass
 
     @abstractmethod
-    async def poll(self, job_id: str) -> dict[str, Any] | None:
+    async def poll(self, job_id: str) -> GenerationResult | None:
         """The final result if the job has finished, else None (non-blocking)."""
 
     @abstractmethod
@@ -119,11 +97,11 @@ class Dispatcher(ABC):
         """Serving: the default model can run jobs now."""
         return any(m.ready for m in await self.models() if m.name == self.default_model)
 
-    async def wait(self, job_id: str) -> dict[str, Any]:
+    async def wait(self, job_id: str) -> GenerationResult:
         """Follow a job's events to its final result."""
         async for event in self.events(job_id):
             if event.get("type") == "final":
-                return event
+                return event["result"]
         raise UnmaskError(f"job {job_id} ended without a result", field="job_id")
 
 
@@ -148,8 +126,6 @@ class _LocalJob:
 
     def _pump(self) -> None:
         for event in self.handle.events():
-            if event.get("type") == "final":
-                event = {"type": "final", **normalise_result(event)}
             if self.queue is not None:
                 self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
         if self.queue is not None:  # batch jobs (no queue) stay until poll() collects them
@@ -302,15 +278,12 @@ class LocalDispatcher(Dispatcher):
             if job.queue is not None:  # batch jobs (no queue) stay until poll() collects them
                 job.release()
 
-    async def poll(self, job_id: str) -> dict[str, Any] | None:
+    async def poll(self, job_id: str) -> GenerationResult | None:
         job = self._jobs.get(job_id)
-        if job is None:
-            return None
-        if not job.handle.done():
+        if job is None or not job.handle.done():
             return None
         self._jobs.pop(job_id, None)
-        result = job.handle.result()
-        return normalise_result({**result.to_dict(), "output_midi": result.output_midi})
+        return job.handle.result()
 
     async def status(self, job_id: str) -> str:
         job = self._jobs.get(job_id)

@@ -7,11 +7,11 @@ point at what it sent.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 from typing import Any
 
 from unmask.engine.request import GenerationRequest, MidiSettings
+from unmask.engine.result import GenerationResult
 from unmask.errors import InvalidArgument, UnmaskError
 from unmask.models.sampler_params import MODEL_DEFAULTABLE, SamplerParams
 from unmask.v1 import unmask_pb2 as pb
@@ -118,7 +118,9 @@ def generation_request(
     default_model: str = "default",
 ) -> GenerationRequest:  # fmt: skip
     """A proto request → a validated GenerationRequest (InvalidArgument names the proto field)."""
-    source = msg.WhichOneof("input") or "prompt"
+    source = msg.WhichOneof("input")
+    if source is None:  # nothing to continue: a MIDI request starts a new piece, text a new text
+        source = "midi_settings" if msg.modality == pb.MODALITY_MIDI else "prompt"
     modality = _modality(msg, source)
     params = sampler_params(msg.params)
     kwargs: dict[str, Any] = {
@@ -178,22 +180,14 @@ def usage_to_proto(u: dict[str, Any] | None) -> pb.Usage:
     )
 
 
-def result_midi(result: dict[str, Any]) -> bytes:
-    midi = result.get("output_midi")
-    if isinstance(midi, bytes):
-        return midi
-    b64 = result.get("output_midi_b64") or ""
-    return base64.b64decode(b64) if b64 else b""
-
-
-def response_to_proto(result: dict[str, Any], modality: str) -> pb.GenerateResponse:
-    """A finished job's result dict (succeeded) → GenerateResponse."""
+def response_to_proto(result: GenerationResult, modality: str) -> pb.GenerateResponse:
+    """A succeeded job's result → GenerateResponse."""
     return pb.GenerateResponse(
-        job_id=str(result.get("job_id") or ""),
+        job_id=result.job_id,
         modality=MODALITY_TO_PROTO.get(modality, pb.MODALITY_UNSPECIFIED),
-        text=str(result.get("output_text") or ""),
-        midi=result_midi(result),
-        usage=usage_to_proto(result.get("usage")),
+        text=result.output_text,
+        midi=result.output_midi,
+        usage=usage_to_proto(result.usage),
     )
 
 
@@ -253,19 +247,22 @@ def batch_to_proto(rec: dict[str, Any], note: str = "") -> pb.BatchJob:
 
 
 def item_result_to_proto(item: dict[str, Any]) -> pb.BatchItemResult:
-    """A stored item result {custom_id, status, modality, job_id, output_text, output_midi_b64,
-    usage, error} → BatchItemResult."""
-    out = pb.BatchItemResult(custom_id=item["custom_id"], status=item["status"])
-    if item["status"] == "succeeded":
-        out.response.CopyFrom(response_to_proto(item, item.get("modality", "")))
+    """A stored item result ({custom_id, modality, **GenerationResult.to_wire()}) →
+    BatchItemResult; an error's field is a proto path, as `Generate` reports it."""
+    result = GenerationResult.from_wire(item)
+    out = pb.BatchItemResult(custom_id=item["custom_id"], status=result.status)
+    if result.ok:
+        out.response.CopyFrom(response_to_proto(result, item.get("modality", "")))
     else:
-        err = item.get("error") or {}
+        exc = result.exception()
+        assert exc is not None
+        err = result.error or {}
         out.error.CopyFrom(
             pb.ItemError(
-                code=str(err.get("code") or ""),
+                code=exc.code,
                 type=str(err.get("type") or ""),
-                field=str(err.get("field") or ""),
-                message=str(err.get("message") or ""),
+                field=proto_field(exc.field) or "",
+                message=exc.message,
             )
         )
     return out

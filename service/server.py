@@ -43,7 +43,7 @@ from unmask.service.interceptors import (
     RequestIdInterceptor,
     request_id_var,
 )
-from unmask.service.status import JobFailed, NotFound, TooLarge, code_for_exception
+from unmask.service.status import JobFailed, NotFound, TooLarge, to_status
 from unmask.settings import Settings
 from unmask.v1 import unmask_pb2 as pb
 from unmask.v1 import unmask_pb2_grpc as pb_grpc
@@ -59,13 +59,13 @@ CANCEL_DRAIN_S = 5.0  # at shutdown, how long the cancellations of abandoned job
 
 async def abort(context: grpc.aio.ServicerContext, exc: UnmaskError) -> None:
     """End the call with the error's status code; the field goes in the trailing metadata."""
-    code = code_for_exception(exc)
+    code, message = to_status(exc)
     trailing = [(REQUEST_ID_KEY, request_id_var.get())]
     if exc.field:
         trailing.append((FIELD_KEY, str(exc.field)))
     if code == grpc.StatusCode.INTERNAL:
         log.error("call failed: %s", exc)
-    await context.abort(code, str(exc), trailing_metadata=tuple(trailing))
+    await context.abort(code, message, trailing_metadata=tuple(trailing))
 
 
 def _broker_down(exc: BaseException) -> BrokerUnavailable:
@@ -182,11 +182,12 @@ class UnmaskServicer(pb_grpc.UnmaskServicer):
 
     @staticmethod
     def _response(final: dict[str, Any], modality: str) -> pb.GenerateResponse:
-        if final.get("status") != "succeeded":
-            error = dict(final.get("error") or {})
-            error["field"] = mapping.proto_field(error.get("field"))
-            raise JobFailed(final.get("status", "failed"), error)
-        return mapping.response_to_proto(final, modality)
+        result = final["result"]
+        if not result.ok:
+            failed = JobFailed(result)
+            failed.field = mapping.proto_field(failed.field)
+            raise failed
+        return mapping.response_to_proto(result, modality)
 
     async def _follow(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         """The job's events; cancels the job if the call ends before its final event. Callers
@@ -236,7 +237,10 @@ class UnmaskServicer(pb_grpc.UnmaskServicer):
 
     # ---- batches ---------------------------------------------------------------------------
     async def _batch(self, batch_id: str) -> dict[str, Any]:
-        rec = await self.store.get(batch_id) if batch_id else None
+        if not batch_id:
+            raise InvalidArgument("give the id of a batch job (from SubmitBatch or ListJobs)",
+                                  field="id")  # fmt: skip
+        rec = await self.store.get(batch_id)
         if rec is None:
             raise NotFound(f"no batch job {batch_id!r}", field="id", value=batch_id)
         return rec
@@ -526,9 +530,15 @@ class ServerThread:
         self.server: UnmaskServer | None = None
         self.port = 0
 
-    def call(self, coro: Any, timeout: float | None = 60) -> Any:
-        """Run a coroutine on the server's loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+    def call(self, coro: Any, timeout: float | None = 60, what: str = "a server call") -> Any:
+        """Run a coroutine on the server's loop and return its result; one that takes over
+        `timeout` seconds is cancelled and raises TimeoutError naming `what`."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"{what} took over {timeout} s") from None
 
     def start(self, port: int = 0, wait_ready: bool = True, timeout: float = 120) -> int:
         self._thread.start()
@@ -537,26 +547,37 @@ class ServerThread:
             self.server = UnmaskServer(self.settings, **self._kwargs)
             return await self.server.start(port)
 
-        self.port = self.call(boot())
-        if wait_ready:
-            wait = getattr(self.server.dispatcher, "wait_ready", None) if self.server else None
-            if wait is not None:
-                self.call(wait(), timeout)
-            self.call(self.server.check_health())  # type: ignore[union-attr]
+        try:  # a server that fails to start is stopped here: nobody else holds it
+            self.port = self.call(boot(), what="starting the server")
+            if wait_ready:
+                wait = getattr(self.server.dispatcher, "wait_ready", None) if self.server else None
+                if wait is not None:
+                    self.call(wait(), timeout, what="loading the model")
+                self.call(self.server.check_health(), what="the first health check")  # type: ignore[union-attr]
+        except BaseException:
+            self.stop()
+            raise
         return self.port
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> None:
+        """Stop the server, then cancel whatever is left on its loop and close the loop, even
+        when the graceful stop fails or overruns: a loop left running keeps background tasks
+        (the batch runner, health checks) alive for the rest of the process."""
         if self.loop.is_closed():
             return
-        if self.server is not None:
-            self.call(self.server.stop(grace=0.5))
-            self.server = None
-        if self._thread.is_alive():
-            self.call(_settle())
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-        if not self.loop.is_running():
-            self.loop.close()
+        server, self.server = self.server, None
+        try:
+            if server is not None:
+                self.call(server.stop(grace=0.5), timeout, what="stopping the server")
+        finally:
+            if self._thread.is_alive():
+                try:
+                    self.call(_settle(), timeout, what="cancelling the server's tasks")
+                finally:
+                    self.loop.call_soon_threadsafe(self.loop.stop)
+                    self._thread.join(10)
+            if not self.loop.is_running():
+                self.loop.close()
 
     def __enter__(self) -> ServerThread:
         if not self.port:

@@ -1,9 +1,8 @@
-"""Which gRPC status code a failure gets, in one table.
+"""Errors → gRPC statuses, in one function. Torch-free.
 
-Errors arrive two ways: as exceptions raised in the front end (validation, a full queue, Redis
-down) and as the `error` dict of a finished job ({"type", "field", "message"}, written by the
-Engine or a worker). Both map through the error's type name, so a worker's error and the same
-error raised locally give the same code. Torch-free.
+Each error class carries its status code by name (`unmask.errors`); a job's error dict carries
+the same code across processes. `to_status` is what the servicer, the batch store and the CLI
+use; nothing else picks codes.
 """
 
 from __future__ import annotations
@@ -12,80 +11,33 @@ from typing import Any
 
 import grpc
 
-from unmask.errors import UnmaskError
-
-C = grpc.StatusCode
-
-
-class NotFound(UnmaskError):
-    """An unknown model, batch job or job id."""
-
-
-class TooLarge(UnmaskError):
-    """A request over a size limit (batch items, message bytes)."""
+from unmask.engine.result import GenerationResult
+from unmask.errors import NotFound, TooLarge, UnmaskError  # noqa: F401 - the front end's errors
 
 
 class JobFailed(UnmaskError):
-    """A job that ended without output: its status and the Engine's / worker's error dict."""
+    """A job that ended without output: its result's error, code included."""
 
-    def __init__(self, status: str, error: dict[str, Any] | None) -> None:
-        error = error or {}
-        super().__init__(str(error.get("message") or status), field=error.get("field"))
-        self.status = status
-        self.error = error
-
-
-CODE_BY_TYPE: dict[str, grpc.StatusCode] = {
-    "InvalidArgument": C.INVALID_ARGUMENT,
-    "TokenizerError": C.INVALID_ARGUMENT,
-    "MidiError": C.INVALID_ARGUMENT,  # a corrupt or note-less input file
-    "VocabMismatch": C.FAILED_PRECONDITION,
-    "CheckpointError": C.FAILED_PRECONDITION,
-    "NotFound": C.NOT_FOUND,
-    "TooLarge": C.RESOURCE_EXHAUSTED,
-    "QueueFull": C.RESOURCE_EXHAUSTED,  # the Engine's queue (local)
-    "QueueFullError": C.RESOURCE_EXHAUSTED,  # a model's Celery queue
-    "BrokerUnavailable": C.UNAVAILABLE,
-    "ResultMissing": C.UNAVAILABLE,
-    "ResultTimeout": C.DEADLINE_EXCEEDED,
-    "TimeLimitExceeded": C.DEADLINE_EXCEEDED,
-    "SoftTimeLimitExceeded": C.DEADLINE_EXCEEDED,
-    "DeadlineExceeded": C.DEADLINE_EXCEEDED,
-    "Cancelled": C.CANCELLED,
-    "Shutdown": C.UNAVAILABLE,
-}
-
-# terminal job status -> code (succeeded is OK; failed goes through the error's type)
-CODE_BY_STATUS = {"cancelled": C.CANCELLED, "deadline_exceeded": C.DEADLINE_EXCEEDED}
+    def __init__(self, result: GenerationResult) -> None:
+        exc = result.exception()
+        assert exc is not None, "a succeeded job did not fail"
+        super().__init__(exc.message, field=exc.field, code=exc.code)
+        self.result = result
 
 
-def code_for_error(error: dict[str, Any] | None, status: str = "failed") -> grpc.StatusCode:
-    if status in CODE_BY_STATUS:
-        return CODE_BY_STATUS[status]
-    error = error or {}
-    kind = str(error.get("type") or "")
-    if kind == "MidiError" and error.get("field") == "output":
-        return C.INTERNAL  # the model wrote no playable notes: not the caller's input at fault
-    return CODE_BY_TYPE.get(kind, C.INTERNAL)
+def status_code(code: str) -> grpc.StatusCode:
+    """A code name ("INVALID_ARGUMENT") → grpc.StatusCode; unknown names are INTERNAL."""
+    return getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
 
 
-def code_for_exception(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, JobFailed):
-        return code_for_error(exc.error, exc.status)
-    for cls in type(exc).__mro__:
-        if cls.__name__ in CODE_BY_TYPE:
-            return CODE_BY_TYPE[cls.__name__]
-    return C.INTERNAL
-
-
-def error_message(error: dict[str, Any] | None) -> str:
-    error = error or {}
-    message = str(error.get("message") or error.get("type") or "the job failed")
-    field = error.get("field")
-    return f"{field}: {message}" if field else message
-
-
-def error_dict(exc: BaseException) -> dict[str, Any]:
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a caller gets for an exception (ours carry their code;
+    anything else is a bug: INTERNAL)."""
     if isinstance(exc, UnmaskError):
-        return {"type": type(exc).__name__, "field": exc.field, "message": exc.message}
-    return {"type": type(exc).__name__, "field": None, "message": str(exc)}
+        return status_code(exc.code), str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
+
+
+def error_code(error: dict[str, Any] | None) -> str:
+    """The code name in a job's error dict (INTERNAL when it names none)."""
+    return str((error or {}).get("code") or "INTERNAL")

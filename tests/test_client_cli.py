@@ -114,3 +114,89 @@ def test_a_bad_batch_line_names_the_line(target, tmp_path, capsys):
 def test_health_command_exits_0_when_serving(target, capsys):
     assert main(["health", "--server", target]) == 0
     assert capsys.readouterr().out.strip() == "SERVING"
+
+
+# ---- one line + exit 2 for what a user gets wrong, checked before the work is sent ----------
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["generate", "--prompt-file", "/no/such/prompt.txt"], "--prompt-file: no such file"),
+        (["generate", "--prompt", "x", "--out", "/no/such/dir/out.txt"], "does not exist"),
+        (["midi", "--midi", "/no/such.mid", "--out", "x.mid"], "--midi: no such file"),
+        (["infill", "a [MASK:abc] b"], "[MASK:abc] is not a gap"),
+        (["infill", "--template-file", "/no/such.txt"], "--template-file: no such file"),
+    ],
+)  # fmt: skip
+def test_user_mistakes_are_one_line_and_exit_2(target, capsys, args, says):
+    assert main([*args, "--server", target, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_an_unwritable_out_is_refused_before_anything_is_sent(target, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out, says in ((a_file / "o.txt", "does not exist"), (tmp_path, "is a directory")):
+        args = ["generate", "--server", "127.0.0.1:1", "--prompt", "x", "--out", str(out)]
+        assert main([*args, *FAST]) == 2  # port 1: had it been sent, UNAVAILABLE would say so
+        err = capsys.readouterr().err
+        assert says in err and "UNAVAILABLE" not in err, err
+
+
+def test_remote_commands_and_help_import_no_torch(target):
+    """`unmask --help`, `unmask generate --server` and `unmask infill --server` are thin."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, unmask.cli as c\n"
+             "try:\n    rc = c.main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH', rc, file=sys.stderr)\n")  # fmt: skip
+    for args in (["--help"], ["generate", "--help"],
+                 ["generate", "--server", target, "--prompt", "Hi", *FAST],
+                 ["infill", "--server", target, "a [MASK:2] b", "--steps", "2"]):  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert proc.stderr.strip().endswith("NO_TORCH 0"), (args, proc.stderr[-500:])
+
+
+def test_batch_results_into_a_closed_pipe_exit_quietly(target, tmp_path):
+    """`unmask batch results ID | head -1` prints one line; the CLI ends without a traceback."""
+    import subprocess
+    import sys
+
+    from unmask.client import Client
+
+    rows = [{"custom_id": f"p{i}", "body": {"prompt": f"P{i}", "params": {"gen_length": 8,
+             "steps": 2}}} for i in range(40)]  # fmt: skip
+    with Client(target) as c:
+        batch = c.wait_batch(c.submit_batch(rows).id, timeout=120)
+    cmd = f"{sys.executable} -m unmask batch results {batch.id} --server {target} | head -1"
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.stdout.count("\n") == 1 and json.loads(proc.stdout)["custom_id"].startswith("p")
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_cli_grpc_batch_and_in_process_give_the_same_output(target, tiny_model_dir, capsys,
+                                                            monkeypatch):  # fmt: skip
+    """One request path: unset knobs are resolved by the model in one place, whichever door
+    the request came in by (sampling at temperature 1, so a stray default would show)."""
+    from unmask.client import Client
+
+    monkeypatch.delenv("UNMASK_SERVER", raising=False)
+    knobs = {"gen_length": 12, "temperature": 1.0, "seed": 7, "block_length": 4}
+    flags = ["--prompt", "Same", "--length", "12", "--temperature", "1", "--seed", "7",
+             "--block-length", "4", "--json"]  # fmt: skip
+    outputs = {}
+    assert main(["generate", "--server", target, *flags]) == 0
+    outputs["cli --server"] = json.loads(capsys.readouterr().out)["output"]
+    assert main(["generate", "--model", str(tiny_model_dir), *flags]) == 0
+    outputs["cli in-process"] = json.loads(capsys.readouterr().out)["output"]
+    with Client(target) as c:
+        outputs["grpc"] = c.generate("Same", **knobs).text
+        batch = c.wait_batch(c.submit_batch([{"custom_id": "a", "body": {
+            "prompt": "Same", "params": knobs}}]).id, timeout=60)  # fmt: skip
+        outputs["batch"] = next(iter(c.batch_results(batch.id)))["response"]["text"]
+    assert len(set(outputs.values())) == 1, outputs

@@ -114,7 +114,7 @@ def test_events_arrive_in_order_and_commit_everything(generator):
     assert kinds.count("block") == 2 and kinds.count("step") == 8
     committed = sum(len(e["committed"]) for e in events if e["type"] == "step")
     assert committed == 16
-    assert events[-1]["status"] == SUCCEEDED
+    assert events[-1]["result"].status == SUCCEEDED
 
 
 def test_cancel_ends_a_running_job(generator):
@@ -127,12 +127,26 @@ def test_cancel_ends_a_running_job(generator):
 
 
 def test_external_cancel_flag_is_checked_between_steps(generator):
-    flag = {"cancel": False}
-    req = GenerationRequest("text", params=SamplerParams(gen_length=200, steps=200))
+    # The flag flips on its 4th poll: polled between steps, so the job has run 1 to 3 steps by
+    # then. Deterministic: no race with a reader thread, and the job cannot have finished
+    # (200 steps, no early stop at EOS).
+    polls = []
+
+    def should_cancel() -> bool:
+        polls.append(time.monotonic())
+        return len(polls) > 3
+
+    req = GenerationRequest("text", params=SamplerParams(gen_length=200, steps=200,
+                                                         stop_at_eos=False))  # fmt: skip
     with Engine(generator) as engine:
-        handle = engine.submit(req, should_cancel=lambda: flag["cancel"])
-        flag["cancel"] = True
-        assert handle.result(timeout=30).status == CANCELLED
+        handle = engine.submit(req, should_cancel=should_cancel)
+        res = handle.result(timeout=30)
+        events = list(handle.events(timeout=5))
+    steps = [e for e in events if e["type"] == "step"]
+    assert res.status == CANCELLED and res.error["type"] == "Cancelled"
+    assert 1 <= len(steps) < 200, f"cancelled after {len(steps)} steps"
+    assert len(steps) <= 3 and res.usage["steps"] == len(steps)  # not a step past the flag
+    assert len(polls) == 4  # and no poll after it
 
 
 def test_a_job_past_its_deadline_ends_with_deadline_status(generator):

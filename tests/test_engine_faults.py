@@ -13,16 +13,15 @@ import threading
 import time
 from collections.abc import Callable
 
-import grpc
 import pytest
 
 from unmask.client import Client, ServiceError
 from unmask.engine.engine import FAILED, SUCCEEDED, Engine, JobHandle
 from unmask.engine.request import GenerationRequest
+from unmask.errors import error_from_dict
 from unmask.models.generation import Generator
 from unmask.models.sampler_params import SamplerParams
 from unmask.service.server import ServerThread
-from unmask.service.status import code_for_error
 from unmask.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,7 +108,7 @@ def test_a_job_that_raises_fails_alone_with_internal_and_a_traceback(generator, 
     poisoned = results[1]
     assert poisoned.status == FAILED and poisoned.error["type"] == "RuntimeError"
     assert poisoned.error["message"] == f"injected fault in {stage}"
-    assert code_for_error(poisoned.error) == grpc.StatusCode.INTERNAL
+    assert error_from_dict(poisoned.error).code == "INTERNAL"
     assert _tracebacks(engine_log, bad.job_id)
     for r, res in zip(good, (results[0], results[2]), strict=True):
         assert res.status == SUCCEEDED, res.error
@@ -127,7 +126,7 @@ def test_a_cancel_check_that_raises_fails_only_its_job(generator, engine_log):
         good = engine.submit(_request(n=8))
         rb, rg = bad.result(timeout=60), good.result(timeout=60)
     assert rb.status == FAILED and rb.error["type"] == "ConnectionError"
-    assert code_for_error(rb.error) == grpc.StatusCode.INTERNAL
+    assert error_from_dict(rb.error).code == "INTERNAL"
     assert rg.status == SUCCEEDED
     assert _tracebacks(engine_log, bad.job_id)
 
@@ -184,7 +183,7 @@ def test_a_job_that_keeps_killing_the_loop_is_failed_and_the_queue_goes_on(gener
         rb, rg = bad.result(timeout=60), good.result(timeout=60)
         assert engine.restarts == 3
     assert rb.status == FAILED and rb.error["type"] == "EngineCrashed"
-    assert code_for_error(rb.error) == grpc.StatusCode.INTERNAL
+    assert error_from_dict(rb.error).code == "INTERNAL"
     assert rg.status == SUCCEEDED
 
 

@@ -206,18 +206,18 @@ class Ledger:
                                   and self.r.hlen("unacked") == 0), 60, "the queue to drain")  # fmt: skip
         for job_id, res in results.items():
             ok = (extra_allowed or {}).get(job_id, allowed)
-            assert res["status"] in ok, (job_id, res["status"], res["error"])
-            assert res["status"] in protocol.TERMINAL
+            assert res.status in ok, (job_id, res.status, res.error)
+            assert res.status in protocol.TERMINAL
             pipe = self.r.pipeline(transaction=False)
             pipe.get(protocol.completions_key(job_id))
             pipe.get(protocol.status_key(job_id))
             pipe.xrange(protocol.events_key(job_id))
             completions, status, events = pipe.execute()
             assert int(completions or 0) == 1, f"job {job_id}: {completions} completions"
-            assert (status or b"").decode() == res["status"], "status key != stored result"
+            assert (status or b"").decode() == res.status, "status key != stored result"
             finals = [e for _, f in events if (e := protocol.decode_event(f))["type"] == "final"]
             assert len(finals) == 1, f"job {job_id}: {len(finals)} final events"
-            assert finals[0]["status"] == res["status"]
+            assert finals[0]["status"] == res.status
             blobs = {k.decode().split(":")[4] for k in self.r.scan_iter(
                 f"unmask:job:{job_id}:blob:*")}  # fmt: skip
             assert len(blobs) <= 1, f"job {job_id}: payloads of {len(blobs)} runs kept"
@@ -236,7 +236,7 @@ def test_kill_9_a_worker_mid_job_loses_nothing(fleet, jobs, attempt):
     ids += [ledger.submit(_req(100 + i, 8)) for i in range(2)]  # accepted with no worker alive
     fleet.start()
     results = ledger.check(fleet=fleet)
-    assert all(r["status"] == protocol.SUCCEEDED for r in results.values())
+    assert all(r.status == protocol.SUCCEEDED for r in results.values())
     assert any(jobs.status(j)["runs"] == 2 for j in interrupted), "nothing ran twice?"
 
 

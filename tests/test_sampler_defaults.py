@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from unmask.models.cli import add_sampler_args, params_from_args
 from unmask.models.generation import Generator
 from unmask.models.sampler_params import MODEL_DEFAULTABLE, SamplerParams
+from unmask.service.cli import add_sampler_args, params_from_args
 from unmask.service.mapping import sampler_params
 from unmask.v1 import unmask_pb2 as pb
 

@@ -86,9 +86,15 @@ def test_midi_from_settings_is_a_standard_midi_file_with_notes(client):
     assert sigs and (sigs[0].numerator, sigs[0].denominator) == (3, 4)
 
 
-def test_midi_continuation_keeps_the_given_piece(client, chorale_midi):
-    g = client.midi(chorale_midi, gen_length=8, steps=2, temperature=1.0)
-    assert _notes(g.midi) >= _notes(chorale_midi) > 0
+def test_midi_continuation_keeps_the_given_piece_and_adds_notes(client, chorale_midi):
+    piece = client.midi(voices=1, n_bars=1, gen_length=16, steps=4, seed=2).midi
+    g = client.midi(piece, gen_length=16, steps=4, temperature=1.0, stop_at_eos=False)
+    assert _notes(g.midi) > _notes(piece) > 0
+    # a piece longer than the model's window is refused with the limit, never cut silently
+    with pytest.raises(ServiceError) as err:
+        client.midi(chorale_midi, gen_length=8, steps=2)
+    assert err.value.code == "INVALID_ARGUMENT" and err.value.field == "midi"
+    assert "window" in err.value.message
 
 
 def test_stream_events_arrive_in_order(client):
@@ -202,13 +208,19 @@ def test_a_client_that_cancels_its_stream_cancels_the_job(client, server):
 
 
 def test_job_failure_and_cancellation_codes_map_from_the_result():
-    from unmask.service.status import code_for_error
+    from unmask.engine.result import GenerationResult
+    from unmask.service.status import JobFailed, to_status
 
-    assert code_for_error(None, "cancelled") == grpc.StatusCode.CANCELLED
-    assert code_for_error(None, "deadline_exceeded") == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert code_for_error({"type": "QueueFull"}) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert code_for_error({"type": "BrokerUnavailable"}) == grpc.StatusCode.UNAVAILABLE
-    assert code_for_error({"type": "InvalidArgument"}) == grpc.StatusCode.INVALID_ARGUMENT
+    def code(status: str, error: dict | None) -> grpc.StatusCode:
+        return to_status(JobFailed(GenerationResult("j", status, error=error)))[0]
+
+    assert code("cancelled", None) == grpc.StatusCode.CANCELLED
+    assert code("deadline_exceeded", None) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert code("failed", None) == grpc.StatusCode.INTERNAL
+    assert code("failed", {"code": "RESOURCE_EXHAUSTED", "message": "full"}) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    assert code("failed", {"code": "NO_SUCH_CODE"}) == grpc.StatusCode.INTERNAL
 
 
 # ---- metadata, health, reflection ---------------------------------------------------------
@@ -393,3 +405,39 @@ def test_the_front_end_imports_without_torch():
     has_torch, seconds = out.stdout.split()
     assert has_torch == "False"
     assert float(seconds) < 2.0  # typically ~0.3 s; generous for a loaded CI machine
+
+
+def test_calls_while_the_model_loads_are_unavailable_and_a_batch_waits_for_it(
+    tiny_model_dir, monkeypatch
+):
+    """A model that is still loading is UNAVAILABLE (retry), not INTERNAL, and a batch
+    submitted meanwhile runs once it has loaded instead of failing every item."""
+    import threading
+
+    from unmask.models.generation import Generator
+
+    loaded = threading.Event()
+    real_load = Generator.load.__func__
+
+    def slow_load(cls, *args, **kwargs):
+        loaded.wait(30)  # held until the test has made its calls
+        return real_load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, "load", classmethod(slow_load))
+    srv = ServerThread(Settings(model=str(tiny_model_dir)))
+    srv.start(wait_ready=False)
+    try:
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            with pytest.raises(ServiceError) as err:
+                c.generate("Hi", gen_length=8, steps=2)
+            assert err.value.code == "UNAVAILABLE" and "loading" in err.value.message
+            batch = c.submit_batch([{"custom_id": f"b{i}", "body": {
+                "prompt": "Hi", "params": {"gen_length": 8, "steps": 2}}} for i in range(3)])  # fmt: skip
+            time.sleep(0.5)  # the batch runner tries (and must put the items back)
+            assert c.get_batch(batch.id).counts["failed"] == 0
+            loaded.set()
+            done = c.wait_batch(batch.id, timeout=60)
+            assert done.counts["succeeded"] == 3, done.counts
+    finally:
+        loaded.set()
+        srv.stop()

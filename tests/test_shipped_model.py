@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 import subprocess
 import sys
 
 import mido
 import pytest
 
-from unmask.models.generation import default_model_dir
+from unmask.models.generation import default_model_dir, parse_template
 from unmask.tokenizers.vocab import UnifiedVocab
 
 MODELS = [default_model_dir("model"), default_model_dir("model-ar")]
@@ -47,10 +49,22 @@ def test_generate_midi_file_offline(tmp_path):
     assert any(m.type == "note_on" and m.velocity > 0 for t in mid.tracks for m in t)
 
 
-def test_infill_keeps_the_template(tmp_path):
-    res = unmask("infill", "--modality", "code", "def add(a, b):\n    [MASK:8]\n", "--json")
+def test_infill_keeps_the_template_and_fills_every_gap(tmp_path):
+    template = 'def add(a, b):\n    """[MASK:6]"""\n    return [MASK:4]\n\nprint(add(1, 2))\n'
+    res = unmask("infill", "--modality", "code", template, "--json")
     assert res.returncode == 0, res.stderr.decode()
-    assert b"def add(a, b):" in res.stdout
+    out = json.loads(res.stdout)
+    parts = parse_template(template)
+    gaps = [p for p in parts if isinstance(p, int)]
+    assert len(gaps) == 2 and out["usage"]["generated_tokens"] == sum(gaps)
+    # every fixed part kept byte for byte and in order; each gap is what lies between them
+    pattern = "".join(re.escape(p) if isinstance(p, str) else "(.+?)" for p in parts)
+    m = re.fullmatch(pattern, out["output"], re.DOTALL)
+    assert m, f"the fixed parts of the template are not all kept in order: {out['output']!r}"
+    vocab = UnifiedVocab.load()
+    for n, filled in zip(gaps, m.groups(), strict=True):
+        assert filled.strip() and "[MASK" not in filled and "<mask>" not in filled, filled
+        assert 1 <= len(vocab.encode_text(filled)) <= n, (n, filled)
 
 
 def test_the_demo_writes_text_code_and_midi(tmp_path):

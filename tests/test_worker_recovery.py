@@ -116,7 +116,7 @@ def _check_exactly_once(jobs: JobQueue, ids: list[str], lost: list[str], worker:
     """Every job succeeded once; the `lost` ones ran twice and say why."""
     for j in ids:
         res = jobs.result(j, timeout=120)
-        assert res["status"] == protocol.SUCCEEDED, res["error"]
+        assert res.status == protocol.SUCCEEDED, res.error
         assert jobs.completions(j) == 1
         events = [e for _, e in jobs.events(j, timeout=10)]
         assert [e["type"] for e in events].count("final") == 1
@@ -257,15 +257,15 @@ def test_a_job_that_kills_its_worker_fails_after_3_deliveries(fleet, jobs):
             deaths.append(w.proc.returncode)
     assert deaths == [CRASH_EXIT_CODE] * 3, fleet.logs()
     res = jobs.result(poison, timeout=5)
-    assert res["status"] == protocol.FAILED
-    assert res["error"]["type"] == "WorkerLost"
-    assert res["error"]["message"] == "failed after 3 deliveries; the worker died each time"
+    assert res.status == protocol.FAILED
+    assert res.error["type"] == "WorkerLost"
+    assert res.error["message"] == "failed after 3 deliveries; the worker died each time"
     status = jobs.status(poison)
     assert status["runs"] == 3 and status["deliveries"] == 4, status
     assert jobs.completions(poison) == 1
     # the last worker survived it and serves the next job
     ok = jobs.submit(_req(1))
-    assert jobs.result(ok, timeout=60)["status"] == protocol.SUCCEEDED
+    assert jobs.result(ok, timeout=60).status == protocol.SUCCEEDED
     assert fleet.all[-1].proc.poll() is None
 
 

@@ -183,11 +183,11 @@ def test_mixed_concurrent_jobs_match_running_alone(
     for job_id in ids:
         res = jobs.result(job_id, timeout=60)
         want = expected[job_id]
-        if isinstance(want, str) and res["status"] == protocol.FAILED:
-            assert res["error"]["type"] == want, res["error"]
+        if isinstance(want, str) and res.status == protocol.FAILED:
+            assert res.error["type"] == want, res.error
             continue
-        assert res["status"] == protocol.SUCCEEDED, res["error"]
-        got = res["output_midi"] if isinstance(want, bytes) else res["output_text"]
+        assert res.status == protocol.SUCCEEDED, res.error
+        got = res.output_midi if isinstance(want, bytes) else res.output_text
         assert got == want
         assert jobs.completions(job_id) == 1
     assert any(isinstance(expected[i], bytes) for i in ids)  # the midi_infill at least decodes
@@ -210,7 +210,7 @@ def test_events_hold_accepted_steps_final_and_resume_by_id(fleet, jobs):
     assert resumed == events[5:]
     assert list(jobs.events(job_id, last_id=events[-1][0], block_ms=100, timeout=5)) == []
     res = jobs.result(job_id, timeout=5)
-    assert res["output_text"] == events[-1][1]["output_text"]
+    assert res.output_text == events[-1][1]["output_text"]
     assert jobs.status(job_id)["status"] == protocol.SUCCEEDED
 
 
@@ -236,9 +236,9 @@ def test_cancel_a_running_job_and_a_deadline(fleet, jobs):
     assert jobs.status(running)["status"] == protocol.RUNNING
     assert jobs.cancel(running) is True
     res = jobs.result(running, timeout=15)
-    assert res["status"] == protocol.CANCELLED
-    assert res["usage"]["steps"] < 200
-    assert jobs.result(late, timeout=15)["status"] == protocol.DEADLINE
+    assert res.status == protocol.CANCELLED
+    assert res.usage["steps"] < 200
+    assert jobs.result(late, timeout=15).status == protocol.DEADLINE
     assert jobs.cancel(running) is False  # finished already
     assert jobs.completions(running) == 1 and jobs.completions(late) == 1
 
@@ -264,14 +264,14 @@ def test_kill_9_mid_jobs_then_a_new_worker_completes_each_exactly_once(fleet, jo
     fleet.start()  # picks up the queued job now, the crashed ones once it sees the kill
     for job_id in ids:
         res = jobs.result(job_id, timeout=60)
-        assert res["status"] == protocol.SUCCEEDED, res["error"]
-        assert len(res["output_text"]) > 0
+        assert res.status == protocol.SUCCEEDED, res.error
+        assert len(res.output_text) > 0
         assert jobs.completions(job_id) == 1  # exactly once, nothing lost
     for j in ids:  # the interrupted ones really ran again, the finished ones did not
         assert jobs.status(j)["runs"] == runs_before[j] + (j in unfinished)
 
     res = jobs.result(queued, timeout=10)
-    assert res["status"] == protocol.CANCELLED
+    assert res.status == protocol.CANCELLED
     assert jobs.status(queued)["runs"] == 0  # stored without running
     assert [e["type"] for _, e in jobs.events(queued, timeout=5)] == ["final"]
     assert jobs.completions(queued) == 1

@@ -4,7 +4,7 @@
     job_id = q.submit(request)                 # QueueFullError / BrokerUnavailable
     for stream_id, event in q.events(job_id):  # accepted, step..., block..., final
         ...
-    result = q.result(job_id, timeout=60)      # output_text / output_midi fetched back by ref
+    result = q.result(job_id, timeout=60)      # a GenerationResult; payloads fetched back by ref
 
 Fails fast: every call that touches Redis uses short socket timeouts and no retries, so an
 unreachable Redis surfaces as `BrokerUnavailable` within about two seconds instead of a hang.
@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from unmask.engine.request import GenerationRequest
+from unmask.engine.result import GenerationResult
 from unmask.errors import InvalidArgument
 from unmask.settings import Settings
 from unmask.workers.protocol import (
@@ -208,7 +209,7 @@ class JobQueue:
         """How many runs of the job reached the end (1 for every finished job)."""
         return int(self._call(self._redis.get, completions_key(job_id)) or 0)
 
-    def result(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+    def result(self, job_id: str, timeout: float | None = None) -> GenerationResult:
         """Wait for the stored result; `output_midi` (bytes) and long `output_text` are fetched
         back from their references. Raises ResultTimeout after `timeout` seconds."""
         end = None if timeout is None else time.monotonic() + timeout
@@ -225,7 +226,7 @@ class JobQueue:
             time.sleep(pause)
             delay = min(delay * 1.5, 0.25)
 
-    def _materialise(self, stored: dict[str, Any]) -> dict[str, Any]:
+    def _materialise(self, stored: dict[str, Any]) -> GenerationResult:
         out = dict(stored)
         text_ref = out.pop("output_text_ref", None)
         midi_ref = out.pop("output_midi_ref", None)
@@ -240,7 +241,7 @@ class JobQueue:
             if midi is None:
                 raise ResultMissing("the job's MIDI file has expired", field="output_midi")
         out["output_midi"] = midi
-        return out
+        return GenerationResult.from_wire(out)
 
     # ---- events ----------------------------------------------------------------------------
     def events(

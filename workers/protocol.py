@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from unmask.errors import UnmaskError
+from unmask.engine.result import CANCELLED, DEADLINE, FAILED, SUCCEEDED, TERMINAL  # noqa: F401
+from unmask.errors import QueueFull, Unavailable, UnmaskError
 
 TASK_NAME = "unmask.generate"
 QUEUE_PREFIX = "unmask."
@@ -33,23 +34,23 @@ INLINE_LIMIT = 64 * 1024  # texts longer than this (in UTF-8 bytes) are stored b
 
 # Statuses. The terminal ones are the Engine's.
 QUEUED, RUNNING, UNKNOWN = "queued", "running", "unknown"
-SUCCEEDED, FAILED, CANCELLED, DEADLINE = "succeeded", "failed", "cancelled", "deadline_exceeded"
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED, DEADLINE)
 
 
-class QueueFullError(UnmaskError):
+class QueueFullError(QueueFull):
     """A model's queue holds `max_queue` jobs already: back-pressure, try again later."""
 
 
-class BrokerUnavailable(UnmaskError):
+class BrokerUnavailable(Unavailable):
     """Redis (broker and result store) cannot be reached."""
 
 
 class ResultTimeout(UnmaskError, TimeoutError):
     """The job has no result yet after the caller's timeout."""
 
+    code = "DEADLINE_EXCEEDED"
 
-class ResultMissing(UnmaskError):
+
+class ResultMissing(Unavailable):
     """A stored result refers to a payload that has expired or was never written."""
 
 

@@ -49,9 +49,10 @@ import redis
 from celery import Celery, signals
 from celery.exceptions import Reject
 
-from unmask.engine.engine import Engine, JobResult
+from unmask.engine.engine import Engine
 from unmask.engine.request import GenerationRequest
-from unmask.errors import UnmaskError
+from unmask.engine.result import GenerationResult
+from unmask.errors import Cancelled, DeadlineExceeded, UnmaskError, error_dict
 from unmask.settings import Settings
 from unmask.workers import recovery
 from unmask.workers.celery_app import REDIS_LOSS_DELIVERIES
@@ -437,7 +438,7 @@ def _store_or_requeue(
     r: redis.Redis, job_id: str, model: str, exc: Exception, delivery: int
 ) -> dict[str, Any]:
     try:
-        return _store(r, job_id, FAILED, delivery, model=model, error=_error_dict(exc))
+        return _store(r, _failed(job_id, exc), delivery, model=model)
     except REDIS_LOST as lost:
         raise RedisLost(f"job {job_id}: Redis unreachable storing its failure ({lost})") from lost
 
@@ -448,16 +449,15 @@ def _run(r: redis.Redis, job_id: str, request: dict[str, Any], delivery: int) ->
     try:
         req = GenerationRequest.from_dict(request)
     except UnmaskError as exc:
-        return _store(r, job_id, FAILED, delivery, model=model, error=_error_dict(exc))
+        return _store(r, _failed(job_id, exc), delivery, model=model)
     if req.job_id != job_id:  # the Celery task id is the job id
         req = dataclasses.replace(req, job_id=job_id)
     if r.exists(cancel_key(job_id)):
-        return _store(r, job_id, CANCELLED, delivery, model=req.model, error={
-            "type": "Cancelled", "field": None, "message": "job cancelled while queued"})  # fmt: skip
+        cancelled = Cancelled("job cancelled while queued")
+        return _store(r, _failed(job_id, cancelled, CANCELLED), delivery, model=req.model)
     if req.deadline is not None and time.time() > req.deadline:
-        return _store(r, job_id, DEADLINE, delivery, model=req.model, error={
-            "type": "DeadlineExceeded", "field": None,
-            "message": "the job's deadline passed while it was queued"})  # fmt: skip
+        expired = DeadlineExceeded("the job's deadline passed while it was queued")
+        return _store(r, _failed(job_id, expired, DEADLINE), delivery, model=req.model)
 
     ttl = s.result_ttl_s
     pipe = r.pipeline(transaction=False)
@@ -481,8 +481,7 @@ def _run(r: redis.Redis, job_id: str, request: dict[str, Any], delivery: int) ->
                 return _superseded(job_id)
     except queue.Empty:  # no event for a whole hard limit: the Engine is stuck, give up
         handle.cancel()
-        return _store(r, job_id, FAILED, delivery, model=req.model,
-                      error=_time_limit_error(hard=True))  # fmt: skip
+        return _store(r, _failed(job_id, _time_limit_error(hard=True)), delivery, model=req.model)
     except BaseException:  # e.g. Redis went away: stop the Engine's work on it too
         handle.cancel()
         raise
@@ -490,9 +489,10 @@ def _run(r: redis.Redis, job_id: str, request: dict[str, Any], delivery: int) ->
     if check.superseded:
         return _superseded(job_id)
     if result.status == CANCELLED and check.timed_out and not check.cancelled:
-        return _store(r, job_id, FAILED, delivery, model=req.model, usage=result.usage,
-                      error=_time_limit_error())  # fmt: skip
-    return _store_result(r, req, result, delivery)
+        timed_out = _failed(job_id, _time_limit_error())
+        timed_out.usage = result.usage
+        return _store(r, timed_out, delivery, model=req.model)
+    return _store(r, result, delivery, model=req.model)
 
 
 def _crash_if_marked(req: GenerationRequest) -> None:
@@ -509,61 +509,46 @@ def _superseded(job_id: str) -> dict[str, Any]:
     return _summary(job_id, None, stored=False)
 
 
-def _time_limit_error(hard: bool = False) -> dict[str, Any]:
+class TimeLimitExceeded(DeadlineExceeded):
+    """The job ran past the worker's time limit (soft: checked between steps; hard: no event
+    for that long)."""
+
+
+def _time_limit_error(hard: bool = False) -> TimeLimitExceeded:
     s = _settings()
     limit = s.task_time_limit_s if hard else s.task_soft_time_limit_s
     kind = "hard" if hard else "soft"
-    return {
-        "type": "TimeLimitExceeded",
-        "field": None,
-        "message": f"the job ran past the worker's {kind} time limit of {limit}s",
-    }
+    return TimeLimitExceeded(f"the job ran past the worker's {kind} time limit of {limit}s")
 
 
-def _store_result(
-    r: redis.Redis, req: GenerationRequest, result: JobResult, delivery: int
-) -> dict[str, Any]:
-    return _store(
-        r,
-        req.job_id,
-        result.status,
-        delivery,
-        model=req.model,
-        text=result.output_text,
-        midi=result.output_midi,
-        usage=result.usage,
-        error=result.error,
-    )
+def _failed(job_id: str, exc: BaseException, status: str = FAILED) -> GenerationResult:
+    return GenerationResult(job_id, status, error=error_dict(exc))
 
 
 def _store(
-    r: redis.Redis,
-    job_id: str,
-    status: str,
-    delivery: int,
-    *,
-    model: str = "",
-    text: str = "",
-    midi: bytes = b"",
-    usage: dict[str, Any] | None = None,
-    error: dict[str, Any] | None = None,
+    r: redis.Redis, result: GenerationResult, delivery: int, *, model: str = ""
 ) -> dict[str, Any]:
     """Write payloads by reference, then (atomically) the result + final event: first run wins,
-    unless a newer delivery of the job superseded this run (then nothing is stored)."""
+    unless a newer delivery of the job superseded this run (then nothing is stored). The stored
+    document is the result's wire form with the MIDI file (and a long text) by reference."""
     s = _settings()
     ttl = s.result_ttl_s
+    job_id, status, text, midi = (
+        result.job_id,
+        result.status,
+        result.output_text,
+        result.output_midi,
+    )
     attempt = uuid.uuid4().hex[:12]  # blobs of a losing duplicate run never overwrite the winner's
     doc: dict[str, Any] = {
-        "job_id": job_id,
-        "status": status,
-        "model": model,
+        **result.to_wire(),
         "output_text": "",
+        "output_midi_b64": "",
         "output_text_ref": None,
         "output_text_size": 0,
         "output_midi_ref": None,
         "output_midi_size": len(midi),
-        "usage": usage or {},
-        "error": error,
+        "model": model,
         "worker": _state.hostname,
         "finished_at": time.time(),
     }
@@ -606,9 +591,3 @@ def _store(
 
 def _summary(job_id: str, status: str | None, *, stored: bool) -> dict[str, Any]:
     return {"job_id": job_id, "status": status, "stored": stored, "result_key": result_key(job_id)}
-
-
-def _error_dict(exc: Exception) -> dict[str, Any]:
-    if isinstance(exc, UnmaskError):
-        return {"type": type(exc).__name__, "field": exc.field, "message": exc.message}
-    return {"type": type(exc).__name__, "field": None, "message": str(exc)}

@@ -215,7 +215,12 @@ def template_segments(template: str | Iterable[str | int]) -> list[pb.Segment]:
     if isinstance(template, str):
         parts: list[str | int] = []
         pos = 0
-        for m in re.finditer(r"\[MASK:(\d+)\]", template):
+        for m in re.finditer(r"\[MASK:([^\]]*)\]", template):
+            if not m.group(1).isdigit() or int(m.group(1)) < 1:
+                raise InvalidArgument(
+                    f"{m.group(0)} is not a gap: write [MASK:n] with a whole number n >= 1 "
+                    "(the gap's length in tokens)", field="template", value=m.group(0),
+                )  # fmt: skip
             if m.start() > pos:
                 parts.append(template[pos : m.start()])
             parts.append(int(m.group(1)))
@@ -381,6 +386,10 @@ def _error(exc: grpc.RpcError) -> ServiceError:
                 md.setdefault(key, value if isinstance(value, str) else value.decode())
         except Exception:
             pass
+    if code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in (details or ""):
+        # what a plaintext client sees from a TLS server (and from a server that went away)
+        details += ("; if the server uses TLS, pass its certificate with --ca FILE "
+                    "(env UNMASK_TLS_CA); otherwise check that it is running")  # fmt: skip
     return ServiceError(details or code.name, code=code.name, field=md.get(FIELD_KEY),
                         request_id=md.get(REQUEST_ID_KEY, ""))  # fmt: skip
 

@@ -1,0 +1,79 @@
+"""The one result type every layer passes around: Engine, worker, dispatchers, batch store,
+gRPC mapping, CLI. Torch-free.
+
+Inside a process `output_midi` stays bytes; `to_wire` / `from_wire` are the JSON form for Redis
+(results, stream events, batch items), where MIDI travels base64-encoded. A failed, cancelled or
+expired job carries `error` in `unmask.errors.error_dict`'s layout, code included.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Any
+
+from unmask.errors import UnmaskError, error_from_dict
+
+SUCCEEDED, FAILED, CANCELLED, DEADLINE = "succeeded", "failed", "cancelled", "deadline_exceeded"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED, DEADLINE)
+# the code a job that ended this way gets when its error names none
+_STATUS_CODE = {FAILED: "INTERNAL", CANCELLED: "CANCELLED", DEADLINE: "DEADLINE_EXCEEDED"}
+
+
+@dataclass
+class GenerationResult:
+    job_id: str
+    status: str  # one of TERMINAL
+    output_text: str = ""
+    output_midi: bytes = b""
+    usage: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None  # {"type", "code", "field", "message"} unless succeeded
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCEEDED
+
+    def exception(self) -> UnmaskError | None:
+        """The job's error as an exception carrying its status code; None if it succeeded."""
+        if self.ok:
+            return None
+        return error_from_dict(self.error or {"message": f"the job {self.status}"},
+                               default_code=_STATUS_CODE.get(self.status, "INTERNAL"))  # fmt: skip
+
+    def raise_for_status(self) -> GenerationResult:
+        exc = self.exception()
+        if exc is not None:
+            raise exc
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "status": self.status,
+            "output_text": self.output_text,
+            "output_midi_b64": base64.b64encode(self.output_midi).decode(),
+            "usage": dict(self.usage),
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> GenerationResult:
+        """The JSON form back; `output_midi` may already be bytes (a payload fetched by
+        reference)."""
+        midi = d.get("output_midi")
+        if not isinstance(midi, bytes):
+            try:
+                midi = base64.b64decode(d.get("output_midi_b64") or "", validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise UnmaskError("a stored result's MIDI is not base64",
+                                  field="output_midi_b64") from exc  # fmt: skip
+        status = str(d.get("status") or FAILED)
+        return cls(
+            job_id=str(d.get("job_id") or ""),
+            status=status if status in TERMINAL else FAILED,
+            output_text=str(d.get("output_text") or ""),
+            output_midi=midi,
+            usage=dict(d.get("usage") or {}),
+            error=d.get("error") if status != SUCCEEDED else None,
+        )
