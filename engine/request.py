@@ -21,6 +21,10 @@ KINDS = ("generate", "infill", "midi_infill")
 MODALITIES = ("text", "code", "midi")
 MAX_PROMPT_CHARS = 200_000
 MAX_MIDI_BYTES = 4 << 20
+# Sanity caps on MidiSettings. The real limit is the model's window, checked by the Generator at
+# prepare time (models/generation.py `midi_settings_limits`): every bar of every voice needs its
+# structure and at least one note, so voices * (5 + 5 * bars) + 2 <= max_seq_len; in the shipped
+# 384-token model: 75 bars with 1 voice, 37 with 2, 18 with 4, 3 with 16.
 MAX_VOICES = 16
 MAX_BARS = 64
 # Voices without explicit programs get distinct General MIDI programs, as in the corpus's

@@ -134,6 +134,10 @@ class BlockCausalState(SamplerState):
         # the parent's blocks follow params.block_length; ours follow the model's grid
         super().__init__(canvas, replace(params, block_length=None), vocab, device=device)
         self.params = params
+        if self.rope_positions is not None:  # the grammar reads left only while slots are linked
+            rope = self.rope_positions
+            self.linked[1:] = rope[1:] == rope[:-1] + 1
+            self.linked[0] = False
         self.block_size = block_size
         self.token_shift = token_shift
         self.blocks = grid_blocks(torch.nonzero(~self.layout.fixed).flatten(), block_size)

@@ -197,7 +197,11 @@ def _ppl(nats: float) -> float:
 
 class _EvalGenerator(Generator):
     """A Generator that takes prompts as content ids (held-out documents are ids already, so they
-    are not re-tokenised) and returns b"" instead of raising for MIDI that decodes to no notes."""
+    are not re-tokenised) and returns b"" instead of raising for MIDI that decodes to no notes.
+    A prompt longer than the window allows keeps its most recent tokens (held-out prefixes with
+    the largest gen_length `run` accepts overflow by a token)."""
+
+    truncate_prompts = True
 
     def prompt_ids(self, modality: str, prompt: Any) -> list[int]:
         if isinstance(prompt, list):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from unmask.errors import InvalidArgument, MidiError
+from unmask.errors import InvalidArgument, MidiError, NoNotesGenerated
 from unmask.models import checkpoint
 from unmask.models.canvas import Canvas, Fixed, Masked, Segment
 from unmask.models.sampler import (
@@ -33,6 +33,14 @@ from unmask.tokenizers.vocab import UnifiedVocab, check_modality
 
 MASK_MARKER = re.compile(r"\[MASK:(\d+)\]")
 DEFAULT_MIDI_PREFIX = ("Track_Start", "Program_73", "Bar_None", "TimeSig_4/4")
+HEADER_LEN = 2  # BOS and the modality tag before every canvas
+# Bars of generated MIDI are masked gaps between fixed `Bar_None TimeSig_n/d` tokens. A gap gets
+# gen_length / (voices * bars) tokens; BAR_TOKENS (about five notes of Position Pitch Duration)
+# sets how many bars a gen_length asks for, MIN_BAR_TOKENS (one note) is the least a gap holds.
+BAR_TOKENS = 16
+MIN_BAR_TOKENS = 3
+BAR_FIXED = 2  # Bar_None TimeSig_n/d
+VOICE_FIXED = 5  # Track_Start Program_p, Position_0 Tempo_t in the first bar, Track_End
 
 
 def default_model_dir(name: str = "model") -> Path:
@@ -121,6 +129,10 @@ class Prepared:
 
 
 class Generator:
+    # Prompts longer than the window are refused (InvalidArgument naming the prompt); evaluation,
+    # which samples from held-out document prefixes, keeps their most recent tokens instead.
+    truncate_prompts: bool = False
+
     def __init__(self, model: torch.nn.Module, vocab: UnifiedVocab, meta: dict) -> None:
         self.model = model.eval()
         self.vocab = vocab
@@ -164,16 +176,28 @@ class Generator:
             raise InvalidArgument("a text/code prompt must be a string", field="prompt")
         return self.vocab.encode_text(prompt or "")
 
-    def _fit_prompt(self, ids: list[int], gen_length: int) -> list[int]:
-        """Keep the most recent prompt tokens that fit the model's window with the header."""
-        room = self.max_len - gen_length - 2
+    def _fit_prompt(
+        self, ids: list[int], gen_length: int, *, field: str = "prompt", truncate: bool = False
+    ) -> list[int]:
+        """The prompt if it fits the model's window with the header and gen_length; else an
+        InvalidArgument naming `field` and the limit, or (`truncate`) its most recent tokens."""
+        room = self.max_len - gen_length - HEADER_LEN
         if room < 0:
             raise InvalidArgument(
-                f"must be <= {self.max_len - 2} for this model",
+                f"must be <= {self.max_len - HEADER_LEN} for this model",
                 field="gen_length",
                 value=gen_length,
             )
-        return ids[-room:] if room else []
+        if len(ids) <= room:
+            return ids
+        if truncate:
+            return ids[-room:] if room else []
+        raise InvalidArgument(
+            f"is {len(ids)} tokens; at most {room} fit with gen_length {gen_length} in this "
+            f"model's {self.max_len}-token window",
+            field=field,
+            value=len(ids),
+        )
 
     # ---- prepare: request -> canvas + how to decode -------------------------------------
     def prepare(self, request: Any) -> Prepared:
@@ -199,21 +223,40 @@ class Generator:
             # more robust than asking a small model for the structure too
             from unmask.engine.request import MidiSettings
 
-            bars = max(1, min(16, params.gen_length // 16))
+            bars = max(1, min(16, params.gen_length // BAR_TOKENS))
             return self.prepare_midi_settings(MidiSettings(programs=(73,), bars=bars), params)
+        if modality == "midi" and isinstance(prompt, bytes | bytearray):
+            if not self.is_ar:
+                return self.prepare_continue_midi(bytes(prompt), params)
+            # a file ends with Track_End, after which a piece is over: open its last track again
+            # so the baseline continues it rather than writing EOS
+            ids = self.prompt_ids(modality, prompt)
+            if ids and ids[-1] == self._midi_id("Track_End"):
+                ids = ids[:-1]
+            return self.prepare_from_ids(modality, ids, params, field="midi")
         text_prefix = prompt if isinstance(prompt, str) else ""
         return self.prepare_from_ids(
             modality, self.prompt_ids(modality, prompt), params, text_prefix
         )
 
     def prepare_from_ids(
-        self, modality: str, prompt_ids: list[int], params: SamplerParams, text_prefix: str = ""
+        self,
+        modality: str,
+        prompt_ids: list[int],
+        params: SamplerParams,
+        text_prefix: str = "",
+        *,
+        field: str = "prompt",
+        truncate: bool | None = None,
     ) -> Prepared:
         """Continue content ids (no BOS/tag). Text output = `text_prefix` + the new text; MIDI
-        output = the whole piece (prompt + new tokens) as a file."""
+        output = the whole piece (prompt + new tokens) as a file. A prompt longer than the window
+        allows is refused (`field` names it), or cut from the left when `truncate` (default: the
+        class's `truncate_prompts`)."""
         params = self.resolve(params, modality)
         check_modality(modality)
-        kept = self._fit_prompt(prompt_ids, params.gen_length)
+        cut = self.truncate_prompts if truncate is None else truncate
+        kept = self._fit_prompt(prompt_ids, params.gen_length, field=field, truncate=cut)
         head = self.header(modality) + kept
 
         def decode(result: SampleResult) -> str | bytes:
@@ -291,6 +334,62 @@ class Generator:
             canvas.length - canvas.n_masked, decode,
         )  # fmt: skip
 
+    def prepare_continue_midi(self, midi: bytes, params: SamplerParams) -> Prepared:
+        """Add bars to every track of a MIDI file: each track gets the same number of new bars
+        (gen_length / (BAR_TOKENS * tracks), at least 1) after the piece's last bar, each a
+        `Bar_None TimeSig` (the track's last time signature) followed by a gap for its notes;
+        tempo changes are not generated (the piece keeps its tempo). The file's own tokens stay
+        as they are; shorter tracks are padded with empty bars so the new bars line up."""
+        params = self.resolve(params, "midi")
+        ids = self.prompt_ids("midi", midi)
+        tracks = self._midi_tracks(ids)
+        n_tracks = len(tracks)
+        bars = max(1, params.gen_length // (BAR_TOKENS * n_tracks))
+        gap = max(MIN_BAR_TOKENS, params.gen_length // (n_tracks * bars))
+        bar, end = self._midi_id("Bar_None"), self._midi_id("Track_End")
+        type_of = self.vocab.midi_type_of_id()
+        time_sig_type = self.vocab.midi_types.index("TimeSig")
+        n_bars = max(body.count(bar) for body in tracks)
+        segments: list[Segment] = []
+        fixed = self.header("midi")
+        for body in tracks:
+            sigs = [t for t in body if type_of[t] == time_sig_type]
+            time_sig = sigs[-1] if sigs else self._midi_id("TimeSig_4/4")
+            fixed += body + [bar, time_sig] * (n_bars - body.count(bar))  # line the tracks up
+            for _ in range(bars):
+                segments += [Fixed(fixed + [bar, time_sig]), Masked(gap, "midi_notes")]
+                fixed = []
+            fixed = [end]
+        segments.append(Fixed(fixed))
+        canvas = Canvas(segments)
+        if canvas.length > self.max_len:
+            new = canvas.n_masked + n_tracks * bars * BAR_FIXED
+            room = self.max_len - HEADER_LEN - new
+            raise InvalidArgument(
+                f"is {canvas.length - HEADER_LEN - new} tokens; at most {max(room, 0)} fit with "
+                f"gen_length {params.gen_length} ({bars} new bar(s) in each of {n_tracks} "
+                f"track(s)) in this model's {self.max_len}-token window",
+                field="midi",
+                value=len(ids),
+            )
+        canvas = self._check_canvas(canvas, field="midi")
+
+        def decode(result: SampleResult) -> bytes:
+            return self._decode_midi([i for i in result.ids.tolist() if i >= NUM_SPECIAL])
+
+        return Prepared(
+            "midi", canvas, fit_params(params, canvas.n_masked), None,
+            canvas.length - canvas.n_masked, decode,
+        )  # fmt: skip
+
+    def midi_settings_limits(self, voices: int) -> tuple[int, int]:
+        """(most voices, most bars with `voices` voices) a settings piece can have in this model's
+        window, every bar of every voice holding at least one note (MIN_BAR_TOKENS)."""
+        room = self.max_len - HEADER_LEN
+        most_voices = room // (VOICE_FIXED + BAR_FIXED + MIN_BAR_TOKENS)
+        most_bars = (room // voices - VOICE_FIXED) // (BAR_FIXED + MIN_BAR_TOKENS)
+        return most_voices, max(most_bars, 0)
+
     def prepare_midi_settings(self, settings: Any, params: SamplerParams) -> Prepared:
         """A new piece from `MidiSettings` (engine/request.py): the structural tokens of every
         track and bar are fixed (`Track_Start Program_p`, then per bar `Bar_None TimeSig_n/d`,
@@ -321,14 +420,16 @@ class Generator:
         track_end = tid("Track_End", "midi_settings", "")
         bar = tid("Bar_None", "midi_settings", "")
         position0 = tid("Position_0", "midi_settings", "")
-        gap = max(1, params.gen_length // (len(programs) * settings.bars))
+        voices, bars = len(programs), settings.bars
+        gap = self._settings_gap(voices, bars, params.gen_length)
         segments: list[Segment] = []
         fixed = self.header("midi")
         for program in programs:
             fixed += [track_start, program]
-            for b in range(settings.bars):
+            for b in range(bars):
                 fixed += [bar, time_sig] + ([position0, tempo] if b == 0 else [])
-                segments += [Fixed(fixed), Masked(gap, "midi_bar")]
+                # "midi_notes": no tempo or time signature tokens, so the requested ones hold
+                segments += [Fixed(fixed), Masked(gap, "midi_notes")]
                 fixed = []
             fixed = [track_end]
         segments.append(Fixed(fixed))
@@ -379,6 +480,47 @@ class Generator:
         return self.run(self.prepare_infill_midi(midi, bars, tracks, params), on_step)
 
     # ---- internals -------------------------------------------------------------------------
+    def _settings_gap(self, voices: int, bars: int, gen_length: int) -> int:
+        """Tokens per bar of a settings piece, or an InvalidArgument naming what does not fit the
+        model's window (request.py's MAX_VOICES / MAX_BARS are sanity caps only)."""
+        most_voices, most_bars = self.midi_settings_limits(voices)
+        window = f"this model's {self.max_len}-token window"
+        if voices > most_voices:
+            raise InvalidArgument(
+                f"at most {most_voices} voices fit {window}",
+                field="midi_settings.voices", value=voices,
+            )  # fmt: skip
+        if bars > most_bars:
+            raise InvalidArgument(
+                f"at most {most_bars} bars with {voices} voice(s) fit {window} "
+                f"(at least one note per bar)",
+                field="midi_settings.bars", value=bars,
+            )  # fmt: skip
+        free = self.max_len - HEADER_LEN - voices * (VOICE_FIXED + bars * BAR_FIXED)
+        most_gap = free // (voices * bars)
+        gap = max(MIN_BAR_TOKENS, gen_length // (voices * bars))
+        if gap > most_gap:
+            raise InvalidArgument(
+                f"must be <= {most_gap * voices * bars} for {voices} voice(s) x {bars} bars in "
+                f"{window}",
+                field="gen_length", value=gen_length,
+            )  # fmt: skip
+        return gap
+
+    def _midi_id(self, token: str) -> int:
+        return self.vocab.ranges.midi_start + self.vocab.midi.tokens.index(token)
+
+    def _midi_tracks(self, ids: list[int]) -> list[list[int]]:
+        """A MIDI piece's ids as one list per track, without its Track_End."""
+        start, end = self._midi_id("Track_Start"), self._midi_id("Track_End")
+        tracks: list[list[int]] = []
+        for t in ids:
+            if t == start or not tracks:
+                tracks.append([])
+            if t != end:
+                tracks[-1].append(t)
+        return [body for body in tracks if body]
+
     def _check_canvas(self, canvas: Canvas, field: str = "template") -> Canvas:
         if self.is_ar:
             raise InvalidArgument("the autoregressive baseline cannot fill gaps", field="model")
@@ -392,7 +534,7 @@ class Generator:
         try:
             return self.vocab.decode(ids, "midi")  # type: ignore[return-value]
         except MidiError:
-            raise MidiError(
+            raise NoNotesGenerated(
                 "the generated MIDI tokens hold no playable notes; try another seed or more steps",
                 field="output",
             ) from None

@@ -28,6 +28,11 @@ from unmask.models.network import KVCache
 from unmask.models.sampler_params import ARParams, SamplerParams
 
 FINISH_REASONS = ("length", "eos", "max_steps")
+# MIDI token types after which the next pitch belongs to another onset (or track): a pitch may
+# repeat across them, not inside the run of notes between two of them
+MIDI_ONSET_TYPES = ("Position", "Bar", "TimeSig", "Tempo", "Track_Start", "Track_End", "Program")
+# ... and those that start a bar (its time signature follows the bar line in our encoding)
+MIDI_BAR_TYPES = ("Bar", "TimeSig", "Track_Start", "Track_End", "Program")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,6 +52,8 @@ class SamplerVocab:
     midi_type_of_id:   int (V,) MIDI token type of each id, -1 for non-MIDI ids.
     midi_allowed_next: bool (n_types, n_types): type b may follow type a.
     grammar_modality:  spans of this modality (or these modalities) get the MIDI grammar mask.
+    midi_onsets:       what the grammar needs to keep a bar's notes in time order and free of
+                       duplicates (`MidiOnsets`); None = off.
     """
 
     mask_id: int
@@ -55,7 +62,8 @@ class SamplerVocab:
     modality_masks: Mapping[str, Any] = field(default_factory=dict)
     midi_type_of_id: Any = None
     midi_allowed_next: Any = None
-    grammar_modality: str | tuple[str, ...] = ("midi", "midi_bar")
+    grammar_modality: str | tuple[str, ...] = ("midi", "midi_bar", "midi_notes")
+    midi_onsets: MidiOnsets | None = None
 
     def __post_init__(self) -> None:
         for name in ("mask_id", "eos_id", "pad_id"):
@@ -89,19 +97,26 @@ class SamplerVocab:
         """From any object with the unified vocabulary's interface (duck-typed: pad_id, mask_id,
         eos_id, modality_mask(m), midi_type_of_id(), midi_allowed_next())."""
         masks = {m: vocab.modality_mask(m) for m in modalities}
+        type_of = np.asarray(vocab.midi_type_of_id())
+        names = list(getattr(vocab, "midi_types", []))
         if "midi" in masks and hasattr(vocab, "midi_structural_mask"):
             # "midi_bar": the notes inside a bar whose structure (track, program, bar line, time
             # signature) is given — no structural tokens and no EOS, so a gap cannot close early
             bar = masks["midi"] & ~vocab.midi_structural_mask()
             bar[int(vocab.eos_id)] = False
             masks["midi_bar"] = bar
+            # "midi_notes": the same without tempo changes, for bars of a piece whose tempo is
+            # fixed (settings, a continuation): the piece keeps the one tempo it was given
+            if "Tempo" in names:
+                masks["midi_notes"] = bar & (type_of != names.index("Tempo"))
         return cls(
             mask_id=int(vocab.mask_id),
             eos_id=int(vocab.eos_id),
             pad_id=int(vocab.pad_id),
             modality_masks=masks,
-            midi_type_of_id=vocab.midi_type_of_id(),
+            midi_type_of_id=type_of,
             midi_allowed_next=vocab.midi_allowed_next(),
+            midi_onsets=MidiOnsets.from_vocab(vocab) if "Pitch" in names else None,
         )
 
     @property
@@ -149,7 +164,17 @@ class SamplerVocab:
         grammar_row = (
             torch.tensor(grammar_rows, dtype=torch.long, device=device) if grammar_rows else None
         )
-        return ConstraintTables(torch.stack(rows).to(device), type_of, next_ok, grammar_row)
+        onsets = self.midi_onsets
+        if onsets is not None and next_ok is not None:
+            n_types = next_ok.shape[0]
+            onsets = MidiOnsets(
+                onsets.pitch_type,
+                _type_flags(onsets.onset_types, n_types, device),
+                _type_flags(onsets.bar_types, n_types, device),
+                fit(_as_tensor(onsets.position_of, torch.long), -1).to(device),
+                fit(_as_tensor(onsets.bar_positions, torch.long), 0).to(device),
+            )
+        return ConstraintTables(torch.stack(rows).to(device), type_of, next_ok, grammar_row, onsets)
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,6 +183,46 @@ class ConstraintTables:
     type_of_id: Tensor | None  # long [V], -1 for non-MIDI ids
     allowed_next: Tensor | None  # bool [n_types, n_types]
     grammar_row: Tensor | None  # long [k]: modality rows whose positions get the grammar mask
+    onsets: MidiOnsets | None = None  # as tensors: onset/bar_types are bool [n_types] flags
+
+
+@dataclass(frozen=True, eq=False)
+class MidiOnsets:
+    """The MIDI facts behind the onset rules of the grammar (`onset_mask`): in a bar, positions
+    only move forward and stay inside the bar, and a pitch sounds once per onset."""
+
+    pitch_type: int
+    onset_types: Any  # types that end one onset's notes (ids of types, or bool [n_types] flags)
+    bar_types: Any  # types that end a bar's onsets (bar line, time signature, track)
+    position_of: Any  # int (V,): onset in the bar of each Position id, -1 for other ids
+    bar_positions: Any  # int (V,): positions in a bar of each TimeSig id, 0 for other ids
+
+    @classmethod
+    def from_vocab(cls, vocab: Any) -> MidiOnsets:
+        names = list(vocab.midi_types)
+        position_of = np.full(vocab.size, -1, dtype=np.int64)
+        bar_positions = np.zeros(vocab.size, dtype=np.int64)
+        per_beat = int(vocab.midi.config.positions_per_beat)  # a beat is the denominator's note
+        base = vocab.ranges.midi_start
+        for i, token in enumerate(vocab.midi.tokens):
+            kind, _, value = token.partition("_")
+            if kind == "Position":
+                position_of[base + i] = int(value)
+            elif kind == "TimeSig":
+                bar_positions[base + i] = int(value.split("/")[0]) * per_beat
+        return cls(
+            names.index("Pitch"),
+            tuple(names.index(t) for t in MIDI_ONSET_TYPES if t in names),
+            tuple(names.index(t) for t in MIDI_BAR_TYPES if t in names),
+            position_of,
+            bar_positions,
+        )
+
+
+def _type_flags(types: Sequence[int], n_types: int, device: torch.device | str) -> Tensor:
+    flags = torch.zeros(n_types, dtype=torch.bool, device=device)
+    flags[list(types)] = True
+    return flags
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +413,54 @@ def grammar_mask(
     return ok
 
 
+def onset_mask(
+    positions: Tensor,
+    ids: Tensor,
+    masked: Tensor,
+    tables: ConstraintTables,
+    linked: Tensor | None = None,
+) -> Tensor:
+    """bool [N, V]: the onset rules of the MIDI grammar, from the committed tokens left of each
+    position back to its bar line: no pitch already written at the current onset (a duplicate
+    note), no Position at or before the bar's latest one (time runs backwards: notes pile up on
+    earlier ones), none past the bar's end (from its time signature). A masked token on the way
+    leaves what lies beyond it unknown, and unconstrained. `linked` [T] (default all True): slot
+    j-1 is the canvas position before slot j (false where an infill-ordered canvas jumps).
+    Walks only positions whose left neighbour is committed (few per step)."""
+    rules = tables.onsets
+    assert tables.type_of_id is not None and rules is not None
+    ok = torch.ones(positions.numel(), tables.type_of_id.numel(), dtype=torch.bool,
+                    device=ids.device)  # fmt: skip
+    type_of = tables.type_of_id[ids].tolist()  # [T] one lookup, walked in Python
+    position_of = rules.position_of[ids].tolist()
+    open_ = masked.tolist()
+    link = linked.tolist() if linked is not None else [True] * len(open_)
+    onset, bar = rules.onset_types.tolist(), rules.bar_types.tolist()
+    is_position = rules.position_of >= 0  # [V]
+    for row, p in enumerate(positions.tolist()):
+        pitches: list[int] = []
+        in_onset, latest, bar_len = True, -1, 0
+        j = p - 1
+        while j >= 0 and link[j + 1] and not open_[j] and type_of[j] >= 0:
+            t = type_of[j]
+            if in_onset and onset[t]:
+                in_onset = False
+                if pitches:  # the onset's notes so far, all known
+                    ok[row, pitches] = False
+            elif in_onset and t == rules.pitch_type:
+                pitches.append(int(ids[j]))
+            latest = max(latest, position_of[j])
+            if bar[t]:
+                bar_len = int(rules.bar_positions[ids[j]])
+                break
+            j -= 1
+        if latest >= 0:
+            ok[row] &= ~is_position | (rules.position_of > latest)
+        if bar_len > 0:
+            ok[row] &= ~is_position | (rules.position_of < bar_len)
+    return ok
+
+
 def apply_constraints(
     logits: Tensor,
     positions: Tensor,
@@ -356,21 +469,29 @@ def apply_constraints(
     modality_rows: Tensor,
     tables: ConstraintTables,
     grammar: bool = True,
+    linked: Tensor | None = None,
 ) -> Tensor:
     """Set to -inf every logit the position may not take.
 
     logits [N, V] belong to canvas `positions` [N]; `ids`/`masked` [T] are the current canvas and
     which of its positions are still open; `modality_rows` [T] index `tables.allowed`. MASK and PAD
     are never allowed. In a grammar span the MIDI grammar narrows the modality mask, unless that
-    would leave nothing (a neighbour pair the grammar cannot bridge): then the modality mask alone.
+    would leave nothing (a neighbour pair the grammar cannot bridge): then the modality mask
+    alone; then `onset_mask` (which reads `linked`) narrows it further, unless that would leave
+    nothing.
     """
     allowed = tables.allowed[modality_rows[positions]]  # [N, V]
     if grammar and tables.type_of_id is not None and tables.grammar_row is not None:
         in_span = torch.isin(modality_rows[positions], tables.grammar_row)
         if bool(in_span.any()):
-            g = allowed[in_span] & grammar_mask(positions[in_span], ids, masked, tables)
+            at = positions[in_span]
+            g = allowed[in_span] & grammar_mask(at, ids, masked, tables)
             feasible = g.any(dim=-1, keepdim=True)
             allowed[in_span] = torch.where(feasible, g, allowed[in_span])
+            if tables.onsets is not None:  # the onset rules only where the grammar still holds
+                g = allowed[in_span] & onset_mask(at, ids, masked, tables, linked)
+                feasible = g.any(dim=-1, keepdim=True)
+                allowed[in_span] = torch.where(feasible, g, allowed[in_span])
     return logits.masked_fill(~allowed, float("-inf"))
 
 
@@ -583,6 +704,7 @@ class SamplerState:
         self.ids = self.layout.ids.clone()
         self.masked = ~self.layout.fixed
         self.cleared = torch.zeros_like(self.masked)  # positions turned into PAD after EOS
+        self.linked = torch.ones_like(self.masked)  # slot j-1 is the canvas position before j
         self.modality_rows = torch.tensor(
             [rows[m] for m in self.layout.modality], dtype=torch.long, device=self.device
         )
@@ -745,6 +867,7 @@ class SamplerState:
             self.modality_rows,
             tables,
             self.params.grammar,
+            self.linked,
         )
 
     def _reused_positions(self) -> Tensor:

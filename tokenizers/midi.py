@@ -129,12 +129,34 @@ class MidiCodec:
             score = self._tok.decode(TokSequence(ids=ids))
         except Exception as exc:  # miditok raises many kinds on malformed sequences
             raise MidiError(f"MIDI tokens could not be decoded: {exc}", field="ids") from exc
+        drop_duplicate_notes(score)
         if score.note_num() == 0:
             raise MidiError("the MIDI tokens decode to a piece without notes", field="ids")
         return bytes(score.dumps_midi())
 
     def save(self, path: str | Path) -> None:
         self._tok.save(Path(path))
+
+
+def drop_duplicate_notes(score: symusic.Score) -> symusic.Score:
+    """Keep the first of notes with the same pitch and onset in one track (in place).
+
+    A generated sequence can repeat a pitch at one position (greedy decoding does, often); the
+    copies are one sounding note written twice, which players render louder or drop anyway. The
+    sampler's constraints avoid most of them; this is the guarantee for what they cannot see.
+    """
+    for track in score.tracks:
+        seen: set[tuple[int, int]] = set()
+
+        def first(note: symusic.Note, seen: set[tuple[int, int]] = seen) -> bool:
+            key = (int(note.time), int(note.pitch))
+            if key in seen:
+                return False
+            seen.add(key)
+            return True
+
+        track.notes.filter(first, inplace=True)
+    return score
 
 
 def parse_midi(data: bytes) -> symusic.Score:
