@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -107,6 +107,8 @@ class _Active:
     state: SamplerState | None  # None: an AR job, run whole
     started: float
     should_cancel: Callable[[], bool] | None = None
+    # position -> [position, id, confidence] of its committed token (return_tokens only)
+    tokens: dict[int, list[Any]] = field(default_factory=dict)
 
 
 class Engine:
@@ -399,24 +401,57 @@ class Engine:
         a.handle._emit({"type": "block", "index": index, "text": text, "ids": ids})
 
     def _succeed(self, a: _Active, gen: Generation) -> None:
+        request = a.handle.request
         out_text = gen.output if isinstance(gen.output, str) else ""
         out_midi = gen.output if isinstance(gen.output, bytes) else b""
-        self._end(a, SUCCEEDED, usage=gen.usage(), text=out_text, midi=out_midi)
+        usage = gen.usage()
+        if request.stop and out_text:
+            out_text, stopped = cut_at_stop(out_text, request.stop, request.prompt)
+            if stopped:
+                usage["finish_reason"] = "stop"
+        # what it ran with; None (no block, no threshold, no cap) is left out, as on the wire
+        params = {k: v for k, v in a.job.params.to_dict().items() if k != "unset" and v is not None}
+        # tokens still on the final canvas (not turned into PAD after an EOS)
+        tokens = [a.tokens[p] for p in sorted(a.tokens) if p < len(gen.ids)
+                  and gen.ids[p] == a.tokens[p][1]] if request.return_tokens else []  # fmt: skip
+        self._end(a, SUCCEEDED, usage=usage, text=out_text, midi=out_midi, params=params,
+                  tokens=tokens)  # fmt: skip
 
     def _fail(self, a: _Active, exc: Exception, stage: str) -> None:
         _log_failure(a.handle.job_id, stage, exc)
         self._end(a, FAILED, error=_error(exc))
 
-    def _end(self, a: _Active, status: str, *, usage=None, text="", midi=b"", error=None) -> None:
+    def _end(self, a: _Active, status: str, *, usage=None, text="", midi=b"", error=None,
+             params=None, tokens=None) -> None:  # fmt: skip
         if a in self._active:  # first: a job that cannot be resolved must not stay active
             self._active.remove(a)
         if usage is None and a.state is not None:
             usage = {"nfe": a.state.nfe, "steps": a.state.step, "finish_reason": status,
                      "latency_s": round(time.perf_counter() - a.started, 4)}  # fmt: skip
-        a.handle._resolve(GenerationResult(a.handle.job_id, status, text, midi, usage or {}, error))
+        a.handle._resolve(GenerationResult(a.handle.job_id, status, text, midi, usage or {}, error,
+                                           params or {}, tokens or []))  # fmt: skip
+
+
+def cut_at_stop(text: str, stop: Sequence[str], prompt: str = "") -> tuple[str, bool]:
+    """`text` up to the first stop string that starts after the echoed prompt."""
+    start = len(prompt) if prompt and text.startswith(prompt) else 0
+    hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def _record_tokens(a: _Active, ev: StepEvent) -> None:
+    """Keep each generated position's committed token and its confidence (return_tokens)."""
+    for p in ev.remasked_positions.tolist():
+        a.tokens.pop(int(p), None)
+    for p, i, c in zip(ev.committed_positions.tolist(), ev.committed_ids.tolist(),
+                       ev.committed_confidence.tolist(), strict=True):  # fmt: skip
+        a.tokens[int(p)] = [int(p), int(i), round(float(c), 4)]
 
 
 def _emit_step(a: _Active, ev: StepEvent) -> None:
+    if a.handle.request.return_tokens:
+        _record_tokens(a, ev)
+
     def triples(pos, ids, conf) -> list[list]:
         return [[int(p), int(i), round(float(c), 4)] for p, i, c in
                 zip(pos.tolist(), ids.tolist(), conf.tolist(), strict=True)]  # fmt: skip

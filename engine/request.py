@@ -16,11 +16,14 @@ from typing import Any
 
 from unmask.errors import InvalidArgument
 from unmask.models.sampler_params import SamplerParams
+from unmask.models.template import parse_template
 
 KINDS = ("generate", "infill", "midi_infill")
 MODALITIES = ("text", "code", "midi")
 MAX_PROMPT_CHARS = 200_000
 MAX_MIDI_BYTES = 4 << 20
+MAX_STOP, MAX_STOP_CHARS = 8, 200
+MAX_GAP_TOKENS = 65_536
 # Sanity caps on MidiSettings. The real limit is the model's window, checked by the Generator at
 # prepare time (models/generation.py `midi_settings_limits`): every bar of every voice needs its
 # structure and at least one note, so voices * (5 + 5 * bars) + 2 <= max_seq_len; in the shipped
@@ -105,14 +108,17 @@ class MidiSettings:
 @dataclass(frozen=True)
 class GenerationRequest:
     """kind "generate": continue `prompt` (text/code) or `midi` (MIDI; empty = from scratch).
-    kind "infill":   fill the [MASK:n] gaps of `template` (text/code).
+    kind "infill":   fill the gaps of `segments` (text/code): strings are kept byte-identical,
+                     ints are gaps of that many tokens; `template` ('a [MASK:5] b') is parsed
+                     into segments once, here.
     kind "midi_infill": rewrite `bars` of `tracks` (None = all) of the MIDI file `midi`.
     `midi_settings` (kind "generate", modality "midi", no `midi`): a new piece from settings."""
 
     modality: str
     kind: str = "generate"
     prompt: str = ""
-    template: str = ""
+    template: str = ""  # convenience for callers holding a string: becomes `segments`
+    segments: tuple[str | int, ...] = ()
     midi: bytes = b""
     bars: tuple[int, ...] = ()
     tracks: tuple[int, ...] | None = None
@@ -121,6 +127,8 @@ class GenerationRequest:
     model: str = "default"
     deadline: float | None = None  # absolute time.time(); None = no deadline
     midi_settings: MidiSettings | None = None
+    stop: tuple[str, ...] = ()  # text/code: the output ends before the first of these
+    return_tokens: bool = False  # the result carries each generated token and its confidence
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -150,8 +158,12 @@ class GenerationRequest:
         if self.kind == "infill":
             if self.modality == "midi":
                 raise InvalidArgument("MIDI gaps use kind midi_infill", field="kind")
-            if "[MASK:" not in self.template:
-                raise InvalidArgument("needs at least one [MASK:n] gap", field="template")
+            segments = tuple(self.segments) or parse_template(self.template)
+            object.__setattr__(self, "segments", segments)
+            object.__setattr__(self, "template", "")
+            _check_segments(segments)
+        elif self.segments or self.template:
+            raise InvalidArgument("segments are for kind infill", field="segments")
         if self.kind == "midi_infill":
             if self.modality != "midi":
                 raise InvalidArgument("midi_infill needs modality midi", field="modality")
@@ -161,6 +173,18 @@ class GenerationRequest:
                 raise InvalidArgument("needs one or more bar numbers >= 0", field="bars")
         if self.kind == "generate" and self.modality != "midi" and self.midi:
             raise InvalidArgument("a MIDI prompt needs modality midi", field="midi")
+        stop = tuple(self.stop) if isinstance(self.stop, list | tuple) else self.stop
+        object.__setattr__(self, "stop", stop)
+        if not isinstance(stop, tuple) or len(stop) > MAX_STOP:
+            raise InvalidArgument(f"at most {MAX_STOP} stop strings", field="stop")
+        for i, text in enumerate(stop):
+            if not isinstance(text, str) or not 1 <= len(text) <= MAX_STOP_CHARS:
+                raise InvalidArgument(f"a stop string has 1..{MAX_STOP_CHARS} characters",
+                                      field=f"stop[{i}]", value=text)  # fmt: skip
+        if stop and self.modality == "midi":
+            raise InvalidArgument("stop strings are for text and code", field="stop")
+        if not isinstance(self.return_tokens, bool):
+            raise InvalidArgument("must be true or false", field="return_tokens")
         if self.midi_settings is not None:
             if not isinstance(self.midi_settings, MidiSettings):
                 raise InvalidArgument("must be MidiSettings", field="midi_settings")
@@ -177,13 +201,15 @@ class GenerationRequest:
             "kind": self.kind,
             "modality": self.modality,
             "prompt": self.prompt,
-            "template": self.template,
+            "segments": list(self.segments),
             "midi_b64": base64.b64encode(self.midi).decode() if self.midi else "",
             "bars": list(self.bars),
             "tracks": list(self.tracks) if self.tracks is not None else None,
             "params": self.params.to_dict(),
             "deadline": self.deadline,
             "midi_settings": self.midi_settings.to_dict() if self.midi_settings else None,
+            "stop": list(self.stop),
+            "return_tokens": self.return_tokens,
         }
 
     @classmethod
@@ -201,11 +227,35 @@ class GenerationRequest:
         settings = d.get("midi_settings")
         kwargs = {k: d[k] for k in ("job_id", "model", "kind", "modality", "prompt", "template",
                                     "deadline") if d.get(k) is not None}  # fmt: skip
+        segments = d.get("segments") or ()
+        if not isinstance(segments, list | tuple):
+            raise InvalidArgument("must be a list", field="segments")
         return cls(
             **kwargs,
             midi=midi,
+            segments=tuple(segments),
             bars=tuple(d.get("bars") or ()),
             tracks=tuple(tracks) if tracks is not None else None,
             params=SamplerParams.from_dict(params),
             midi_settings=MidiSettings.from_dict(settings) if settings is not None else None,
+            stop=tuple(d.get("stop") or ()),
+            return_tokens=bool(d.get("return_tokens", False)),
         )
+
+
+def _check_segments(segments: tuple[Any, ...]) -> None:
+    gaps = 0
+    for i, part in enumerate(segments):
+        if isinstance(part, bool) or not isinstance(part, int | str):
+            raise InvalidArgument("a segment is fixed text or a gap length",
+                                  field=f"segments[{i}]", value=part)  # fmt: skip
+        if isinstance(part, int):
+            if not 1 <= part <= MAX_GAP_TOKENS:
+                raise InvalidArgument(f"a gap needs 1..{MAX_GAP_TOKENS} tokens",
+                                      field=f"segments[{i}].mask", value=part)  # fmt: skip
+            gaps += 1
+    if not gaps:
+        raise InvalidArgument("needs at least one gap", field="segments")
+    if sum(len(p) for p in segments if isinstance(p, str)) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"fixed text of at most {MAX_PROMPT_CHARS} characters",
+                              field="segments")  # fmt: skip

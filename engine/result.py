@@ -29,6 +29,8 @@ class GenerationResult:
     output_midi: bytes = b""
     usage: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None  # {"type", "code", "field", "message"} unless succeeded
+    params: dict[str, Any] = field(default_factory=dict)  # the sampler parameters it ran with
+    tokens: list[list[Any]] = field(default_factory=list)  # [position, id, confidence] if asked
 
     @property
     def ok(self) -> bool:
@@ -55,6 +57,8 @@ class GenerationResult:
             "output_midi_b64": base64.b64encode(self.output_midi).decode(),
             "usage": dict(self.usage),
             "error": self.error,
+            "params": dict(self.params),
+            "tokens": [list(t) for t in self.tokens],
         }
 
     @classmethod
@@ -76,4 +80,6 @@ class GenerationResult:
             output_midi=midi,
             usage=dict(d.get("usage") or {}),
             error=d.get("error") if status != SUCCEEDED else None,
+            params=dict(d.get("params") or {}),
+            tokens=[list(t) for t in d.get("tokens") or ()],
         )

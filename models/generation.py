@@ -8,9 +8,8 @@ same calls, so the CLI, the Engine and the benchmarks share one code path.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,10 @@ from unmask.models.sampler import (
     generate_ar,
 )
 from unmask.models.sampler_params import ARParams, SamplerParams
+from unmask.models.template import parse_template
 from unmask.tokenizers.specials import BOS_ID, NUM_SPECIAL
 from unmask.tokenizers.vocab import UnifiedVocab, check_modality
 
-MASK_MARKER = re.compile(r"\[MASK:(\d+)\]")
 DEFAULT_MIDI_PREFIX = ("Track_Start", "Program_73", "Bar_None", "TimeSig_4/4")
 HEADER_LEN = 2  # BOS and the modality tag before every canvas
 # Bars of generated MIDI are masked gaps between fixed `Bar_None TimeSig_n/d` tokens. A gap gets
@@ -94,25 +93,6 @@ def fit_params(params: SamplerParams, n_masked: int) -> SamplerParams:
         steps=steps,
         remask_budget=min(params.remask_budget, n_masked),
     )
-
-
-def parse_template(template: str) -> list[str | int]:
-    """'a [MASK:5] b' → ['a ', 5, ' b']: strings are fixed text, ints are gap lengths."""
-    parts: list[str | int] = []
-    pos = 0
-    for m in MASK_MARKER.finditer(template):
-        if m.start() > pos:
-            parts.append(template[pos : m.start()])
-        n = int(m.group(1))
-        if n < 1:
-            raise InvalidArgument("a [MASK:n] gap needs n >= 1", field="template", value=n)
-        parts.append(n)
-        pos = m.end()
-    if pos < len(template):
-        parts.append(template[pos:])
-    if not any(isinstance(p, int) for p in parts):
-        raise InvalidArgument("the template has no [MASK:n] gap", field="template")
-    return parts
 
 
 @dataclass
@@ -203,7 +183,7 @@ class Generator:
     def prepare(self, request: Any) -> Prepared:
         """A `GenerationRequest` (engine/request.py) → a job the sampler (or Engine) can run."""
         if request.kind == "infill":
-            return self.prepare_infill(request.modality, request.template, request.params)
+            return self.prepare_infill(request.modality, request.segments, request.params)
         if request.kind == "midi_infill":
             tracks = list(request.tracks) if request.tracks is not None else None
             return self.prepare_infill_midi(
@@ -270,12 +250,15 @@ class Generator:
         canvas = Canvas([Fixed(head), Masked(params.gen_length, modality)])
         return Prepared(modality, canvas, params, None, len(head), decode)
 
-    def prepare_infill(self, modality: str, template: str, params: SamplerParams) -> Prepared:
-        """Fill every [MASK:n] gap of a text or code template; fixed text stays byte-identical."""
+    def prepare_infill(
+        self, modality: str, template: str | Sequence[str | int], params: SamplerParams
+    ) -> Prepared:
+        """Fill every gap of a text or code template (segments, or a '[MASK:n]' string); fixed
+        text stays byte-identical."""
         params = self.resolve(params, modality)
         if modality == "midi":
             raise InvalidArgument("MIDI infill takes a file and bars", field="modality")
-        parts = parse_template(template)
+        parts = parse_template(template) if isinstance(template, str) else tuple(template)
         segments: list[Segment] = [Fixed(self.header(modality))]
         for p in parts:
             if isinstance(p, int):

@@ -105,7 +105,7 @@ async def _run_local(msg: Any, args: argparse.Namespace, view: Any = None) -> An
         failed.field = mapping.proto_field(failed.field)
         raise failed
     return Generation(result.job_id, request.modality, result.output_text, result.output_midi,
-                      result.usage)  # fmt: skip
+                      result.usage, result.params, result.tokens)  # fmt: skip
 
 
 def check_writable(path: str | None, flag: str = "--out") -> None:
@@ -161,7 +161,7 @@ def emit(gen: Any, args: argparse.Namespace) -> int:
     elif not args.json:
         print(gen.text)
     if args.json:
-        record: dict[str, Any] = {"job_id": gen.job_id, "usage": gen.usage}
+        record: dict[str, Any] = {"job_id": gen.job_id, "usage": gen.usage, "params": gen.params}
         if gen.modality != "midi":
             record["output"] = gen.text
         print(json.dumps(record))
@@ -209,7 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         msg = _midi_msg(args, None)
     else:
         msg = generate_request(prompt, modality=args.modality, model=_model_name(args),
-                               params=_params(args))  # fmt: skip
+                               params=_params(args), stop=args.stop)  # fmt: skip
     return emit(run(msg, args), args)
 
 
@@ -427,6 +427,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="", help="text or code prompt")
     p.add_argument("--prompt-file", default=None, help="read the prompt from a file")
     p.add_argument("--prompt-midi", default=None, help="a .mid file to continue (midi)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="end the output before this string (repeatable; text and code)")  # fmt: skip
     _common(p)
     add_sampler_args(p)
     p.set_defaults(func=cmd_generate)

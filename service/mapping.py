@@ -25,6 +25,7 @@ _PARAM_PROTO_NAME = {v: k for k, v in _PARAM_RENAMES.items()}
 # GenerationRequest field -> where the same value sits in the proto request
 _REQUEST_FIELDS = {
     "template": "infill.segments",
+    "segments": "infill.segments",
     "bars": "midi_infill.bars",
     "tracks": "midi_infill.tracks",
     "midi_b64": "midi",
@@ -44,6 +45,8 @@ def proto_field(field: str | None) -> str | None:
         return field
     if field.startswith(("params.", "midi_settings", "infill.", "midi_infill.")):
         return field
+    if field.startswith("segments["):
+        return "infill." + field
     if field in _SAMPLER_FIELDS:
         return "params." + _PARAM_PROTO_NAME.get(field, field)
     return _REQUEST_FIELDS.get(field, field)
@@ -87,17 +90,17 @@ def _modality(msg: pb.GenerateRequest, source: str) -> str:
     return modality
 
 
-def _template(infill: pb.Infill) -> str:
+def _segments(infill: pb.Infill) -> tuple[str | int, ...]:
     if not infill.segments:
         raise InvalidArgument("needs segments", field="infill.segments")
-    parts: list[str] = []
+    parts: list[str | int] = []
     gaps = 0
     for i, seg in enumerate(infill.segments):
         kind = seg.WhichOneof("kind")
         if kind == "mask":
             if seg.mask < 1:
                 raise InvalidArgument("a gap needs >= 1 token", field=f"infill.segments[{i}].mask")
-            parts.append(f"[MASK:{seg.mask}]")
+            parts.append(seg.mask)
             gaps += 1
         elif kind == "text":
             if "[MASK:" in seg.text:
@@ -110,7 +113,7 @@ def _template(infill: pb.Infill) -> str:
             raise InvalidArgument("set text or mask", field=f"infill.segments[{i}]")
     if not gaps:
         raise InvalidArgument("needs at least one mask segment", field="infill.segments")
-    return "".join(parts)
+    return tuple(parts)
 
 
 def generation_request(
@@ -131,6 +134,7 @@ def generation_request(
     }
     if job_id:
         kwargs["job_id"] = job_id
+    kwargs.update(stop=tuple(msg.stop), return_tokens=msg.return_tokens)
     if source == "prompt":
         kwargs["prompt"] = msg.prompt
     elif source == "midi":
@@ -138,7 +142,7 @@ def generation_request(
             raise InvalidArgument("is empty: send a MIDI file, or use midi_settings", field="midi")
         kwargs["midi"] = msg.midi
     elif source == "infill":
-        kwargs.update(kind="infill", template=_template(msg.infill))
+        kwargs.update(kind="infill", segments=_segments(msg.infill))
     elif source == "midi_infill":
         mi = msg.midi_infill
         if not mi.midi:
@@ -167,9 +171,37 @@ def generation_request(
 # ---- results and events ------------------------------------------------------------------
 
 
+MAX_SAMPLES = 16
+FINISH_REASONS = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS,
+                  "stop": pb.FINISH_REASON_STOP, "max_steps": pb.FINISH_REASON_MAX_STEPS}  # fmt: skip
+
+
+def sample_count(msg: pb.GenerateRequest, *, allowed: bool) -> int:
+    """`n` of a request (0 = 1); only `Generate` runs several samples of one request."""
+    n = msg.n or 1
+    if n > 1 and not allowed:
+        raise InvalidArgument("n > 1 is for Generate; send one request per sample", field="n")
+    if n > MAX_SAMPLES:
+        raise InvalidArgument(f"must be in [1, {MAX_SAMPLES}], got {n}", field="n", value=n)
+    return n
+
+
+def params_to_proto(params: dict[str, Any]) -> pb.SamplerParams:
+    """The parameters a job ran with (SamplerParams.to_dict) → proto; None stays unset."""
+    out = pb.SamplerParams()
+    for name, value in params.items():
+        name = _PARAM_PROTO_NAME.get(name, name)
+        if value is not None and name in out.DESCRIPTOR.fields_by_name:
+            setattr(out, name, value)
+    return out
+
+
 def usage_to_proto(u: dict[str, Any] | None) -> pb.Usage:
     u = u or {}
     return pb.Usage(
+        reason=FINISH_REASONS.get(
+            str(u.get("finish_reason") or ""), pb.FINISH_REASON_UNSPECIFIED
+        ),  # fmt: skip
         prompt_tokens=int(u.get("prompt_tokens") or 0),
         generated_tokens=int(u.get("generated_tokens") or 0),
         nfe=int(u.get("nfe") or 0),
@@ -188,6 +220,8 @@ def response_to_proto(result: GenerationResult, modality: str) -> pb.GenerateRes
         text=result.output_text,
         midi=result.output_midi,
         usage=usage_to_proto(result.usage),
+        params=params_to_proto(result.params),
+        tokens=_tokens(result.tokens),
     )
 
 

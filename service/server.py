@@ -100,6 +100,44 @@ def streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _tls_pair(cert: str, key: str) -> tuple[bytes, bytes]:
+    """(key, certificate) PEM bytes, checked to belong together: grpc would only say "Failed to
+    bind" for a mismatch."""
+    import ssl
+
+    if not (cert and key):
+        raise InvalidArgument("TLS needs both tls_cert and tls_key",
+                              field="tls_key" if cert else "tls_cert")  # fmt: skip
+    pems = []
+    for path, name in ((key, "tls_key"), (cert, "tls_cert")):
+        try:
+            with open(path, "rb") as f:
+                pems.append(f.read())
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read {path!r}: {exc.strerror}", field=name) from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise InvalidArgument(f"the key does not match the certificate, or one of them is not "
+                              f"PEM ({exc.reason})", field="tls_key") from None  # fmt: skip
+    return pems[0], pems[1]
+
+
+def _samples(req: Any, n: int) -> list[Any]:
+    """n copies of a request, each its own job, with seeds seed, seed+1, ..."""
+    import dataclasses
+
+    from unmask.engine.request import new_job_id
+
+    seeds = [req.params.seed + i for i in range(n)]
+    try:
+        return [dataclasses.replace(req, job_id=new_job_id(),
+                                    params=dataclasses.replace(req.params, seed=seed))
+                for seed in seeds]  # fmt: skip
+    except InvalidArgument as exc:  # the last seeds overflow
+        raise mapping.relabel(exc) from None
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     """The client's deadline as an absolute time for the job (None: no deadline)."""
     remaining = context.time_remaining()
@@ -203,20 +241,39 @@ class UnmaskServicer(pb_grpc.UnmaskServicer):
             if not finished:
                 self._cancel_soon(job_id)
 
+    async def _run_one(self, req: Any) -> pb.GenerateResponse:
+        job_id = await self._submit(req)
+        log.info("job %s: %s %s", job_id, req.kind, req.modality)
+        async with contextlib.aclosing(self._follow(job_id)) as events:
+            async for event in events:
+                if event.get("type") == "final":
+                    return self._response(event, req.modality)
+        raise UnmaskError("the job ended without a result", field="job_id")
+
     @unary
     async def Generate(self, request, context):
         req = self._request(request, context)
+        n = mapping.sample_count(request, allowed=True)
         async with self._holding_job():
-            job_id = await self._submit(req)
-            log.info("job %s: %s %s", job_id, req.kind, req.modality)
-            async with contextlib.aclosing(self._follow(job_id)) as events:
-                async for event in events:
-                    if event.get("type") == "final":
-                        return self._response(event, req.modality)
-        raise UnmaskError("the job ended without a result", field="job_id")
+            if n == 1:
+                return await self._run_one(req)
+            # n jobs with consecutive seeds: the Engine runs them side by side, step by step
+            tasks = [asyncio.ensure_future(self._run_one(sample)) for sample in _samples(req, n)]
+            try:
+                responses = await asyncio.gather(*tasks)
+            except BaseException:  # one failed, or the call went away: stop the others too
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        out = pb.GenerateResponse()
+        out.CopyFrom(responses[0])
+        out.samples.extend(responses)
+        return out
 
     @streaming
     async def GenerateStream(self, request, context):
+        mapping.sample_count(request, allowed=False)
         req = self._request(request, context)
         async with self._holding_job():
             job_id = await self._submit(req)
@@ -267,6 +324,7 @@ class UnmaskServicer(pb_grpc.UnmaskServicer):
                 raise InvalidArgument(f"duplicate {cid!r}", field=f"items[{i}].custom_id")
             seen.add(cid)
             try:
+                mapping.sample_count(item.request, allowed=False)
                 req = mapping.generation_request(item.request, default_model=default)
             except UnmaskError as exc:
                 raise mapping.relabel(exc, prefix=f"items[{i}].request.") from None
@@ -410,16 +468,17 @@ class UnmaskServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         address = f"{s.host}:{s.port if port is None else port}"
-        if s.tls_cert or s.tls_key:
-            if not (s.tls_cert and s.tls_key):
-                raise InvalidArgument("TLS needs both tls_cert and tls_key", field="tls_key")
-            with open(s.tls_key, "rb") as k, open(s.tls_cert, "rb") as c:
-                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-            self.port = server.add_secure_port(address, creds)
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if s.tls_cert or s.tls_key:
+                creds = grpc.ssl_server_credentials([_tls_pair(s.tls_cert, s.tls_key)])
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc: "Failed to bind to address"
+            self.port = 0
         if not self.port:
-            raise InvalidArgument(f"cannot listen on {address}", field="port")
+            raise InvalidArgument(f"cannot listen on {address}: the port is in use (or the "
+                                  "address is not this machine's)", field="port")  # fmt: skip
         await self._set_health(False)
         await server.start()
         self._server = server

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from unmask.errors import InvalidArgument, MidiError
-from unmask.models.generation import Generator, fit_params, midi_bar_spans, parse_template
+from unmask.models.generation import Generator, fit_params, midi_bar_spans
 from unmask.models.sampler_params import SamplerParams
+from unmask.models.template import parse_template
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run best on one thread
 
@@ -41,7 +42,7 @@ def test_infill_keeps_fixed_text_byte_identical(tiny_model_dir):
 def test_template_without_gap_is_refused():
     with pytest.raises(InvalidArgument, match="no \\[MASK:n\\] gap"):
         parse_template("nothing to fill")
-    assert parse_template("a[MASK:2]b") == ["a", 2, "b"]
+    assert parse_template("a[MASK:2]b") == ("a", 2, "b")
 
 
 def test_fit_params_rescales_to_the_canvas():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import shutil
 import socket
 import subprocess
@@ -291,6 +292,43 @@ def test_a_client_that_cannot_verify_the_server_gets_no_connection(tls_server, c
             c.list_models()
     assert err.value.code == "UNAVAILABLE", err.value
     assert time.monotonic() - t0 < 10
+    if case == "plaintext":  # say what to do, not only "Socket closed"
+        assert "--ca" in err.value.message, err.value.message
+
+
+@pytest.mark.parametrize("case", ["missing-cert", "key-of-another-cert", "port-in-use"])
+def test_serve_start_up_mistakes_are_one_line_and_exit_2(tiny_model_dir, certs, tmp_path, case):
+    """What `unmask serve` says when it cannot start, instead of a traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    env = {**os.environ, "UNMASK_MODEL": str(tiny_model_dir), "UNMASK_AUTH_TOKENS": ""}
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    args = [sys.executable, "-m", "unmask", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    busy = socket.socket()
+    if case == "missing-cert":
+        args += ["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(certs["key"])]
+        says = "tls_cert: cannot read"
+    elif case == "key-of-another-cert":
+        impostor_key, _ = self_signed(tmp_path, "impostor")
+        (tmp_path / "k.pem").write_bytes(impostor_key)
+        args += ["--tls-cert", str(certs["cert"]), "--tls-key", str(tmp_path / "k.pem")]
+        says = "tls_key: the key does not match the certificate"
+    else:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args[-1] = str(busy.getsockname()[1])
+        says = "port: cannot listen on"
+    try:
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_junk_on_the_tls_port_does_not_hurt_the_server(tls_server, certs):

@@ -441,3 +441,53 @@ def test_calls_while_the_model_loads_are_unavailable_and_a_batch_waits_for_it(
     finally:
         loaded.set()
         srv.stop()
+
+
+# ---- what a vLLM / OpenAI user looks for: echoed params, stop, n, token confidences --------
+
+
+def test_the_response_echoes_the_params_it_ran_with_and_resending_them_repeats_it(client):
+    g = client.generate("Echo", gen_length=12, temperature=1.0, seed=5, block_length=4)
+    assert g.params["seed"] == 5 and g.params["gen_length"] == 12
+    assert g.params["temperature"] == 1.0 and g.params["block_length"] == 4
+    assert {"steps", "top_p", "position_score", "use_cache"} <= set(g.params)  # resolved
+    again = client.generate("Echo", params=g.params)
+    assert again.text == g.text and again.params == g.params
+
+
+def test_stop_strings_end_the_output_before_the_first_one_after_the_prompt(client):
+    knobs = {"gen_length": 24, "steps": 24, "stop_at_eos": False}
+    full = client.generate("Stop", **knobs)
+    generated = full.text[len("Stop") :]
+    stop = generated[len(generated) // 2 :][:2]
+    assert stop.strip(), f"pick another seed: {generated!r}"
+    cut = client.generate("Stop", stop=[stop, "never-there"], **knobs)
+    assert cut.text == "Stop" + generated[: generated.index(stop)]
+    assert cut.usage["finish_reason"] == "stop"
+    with pytest.raises(ServiceError) as err:
+        client.generate("x", stop=[""], gen_length=8, steps=2)
+    assert err.value.code == "INVALID_ARGUMENT" and err.value.field == "stop[0]"
+
+
+def test_n_samples_run_together_with_consecutive_seeds(client):
+    g = client.generate("Many", n=3, gen_length=10, steps=5, temperature=1.0, seed=20)
+    assert len(g.samples) == 3 and g.text == g.samples[0].text
+    assert [s.params["seed"] for s in g.samples] == [20, 21, 22]
+    assert len({s.job_id for s in g.samples}) == 3
+    alone = client.generate("Many", gen_length=10, steps=5, temperature=1.0, seed=21)
+    assert alone.text == g.samples[1].text
+    with pytest.raises(ServiceError) as err:
+        list(client.stream("Many", n=2, gen_length=8, steps=2))
+    assert err.value.code == "INVALID_ARGUMENT" and err.value.field == "n"
+    with pytest.raises(ServiceError) as err:
+        client.submit_batch([{"custom_id": "a", "body": {"prompt": "x", "n": 2}}])
+    assert err.value.field == "items[0].request.n"
+
+
+def test_return_tokens_gives_each_generated_token_and_its_confidence(client):
+    g = client.generate("Tok", gen_length=10, steps=5, stop_at_eos=False, return_tokens=True)
+    assert len(g.tokens) == g.usage["generated_tokens"] == 10
+    positions = [p for p, _, _ in g.tokens]
+    assert positions == sorted(set(positions))
+    assert all(0.0 <= c <= 1.0 for _, _, c in g.tokens)
+    assert client.generate("Tok", gen_length=10, steps=5).tokens == []  # only when asked

@@ -11,7 +11,8 @@ import sys
 import mido
 import pytest
 
-from unmask.models.generation import default_model_dir, parse_template
+from unmask.models.generation import default_model_dir
+from unmask.models.template import parse_template
 from unmask.tokenizers.vocab import UnifiedVocab
 
 MODELS = [default_model_dir("model"), default_model_dir("model-ar")]

@@ -50,6 +50,7 @@ _BATCH_STATUS = {
     pb.BATCH_STATUS_CANCELLED: "cancelled",
 }
 _PARAM_ALIASES = {"use_cache": "cache", "length": "gen_length"}
+_PARAM_FIELD = {"cache": "use_cache"}  # proto SamplerParams field -> SamplerParams field
 
 
 class ServiceError(UnmaskError):
@@ -75,6 +76,9 @@ class Generation:
     text: str = ""
     midi: bytes = b""  # a standard MIDI file for modality "midi"
     usage: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # what it ran with (resend to repeat)
+    tokens: list[list[Any]] = field(default_factory=list)  # [position, id, confidence]
+    samples: list[Generation] = field(default_factory=list)  # n > 1: every sample
 
     @property
     def output(self) -> str | bytes:
@@ -118,7 +122,11 @@ def _usage(u: pb.Usage) -> dict[str, Any]:
 
 
 def generation_from_proto(r: pb.GenerateResponse) -> Generation:
-    return Generation(r.job_id, _MODALITY_NAME.get(r.modality, ""), r.text, r.midi, _usage(r.usage))
+    params = {_PARAM_FIELD.get(d.name, d.name): getattr(r.params, d.name)
+              for d in r.params.DESCRIPTOR.fields if r.params.HasField(d.name)}  # fmt: skip
+    return Generation(r.job_id, _MODALITY_NAME.get(r.modality, ""), r.text, r.midi,
+                      _usage(r.usage), params, _tokens(r.tokens),
+                      [generation_from_proto(x) for x in r.samples])  # fmt: skip
 
 
 def _tokens(tokens: Iterable[pb.Token]) -> list[list[Any]]:
@@ -210,32 +218,20 @@ def _modality(modality: str) -> int:
 
 def template_segments(template: str | Iterable[str | int]) -> list[pb.Segment]:
     """'a [MASK:5] b' or ['a ', 5, ' b'] → segments (ints are gaps of that many tokens)."""
-    import re
+    from unmask.models.template import parse_template
 
-    if isinstance(template, str):
-        parts: list[str | int] = []
-        pos = 0
-        for m in re.finditer(r"\[MASK:([^\]]*)\]", template):
-            if not m.group(1).isdigit() or int(m.group(1)) < 1:
-                raise InvalidArgument(
-                    f"{m.group(0)} is not a gap: write [MASK:n] with a whole number n >= 1 "
-                    "(the gap's length in tokens)", field="template", value=m.group(0),
-                )  # fmt: skip
-            if m.start() > pos:
-                parts.append(template[pos : m.start()])
-            parts.append(int(m.group(1)))
-            pos = m.end()
-        if pos < len(template):
-            parts.append(template[pos:])
-    else:
-        parts = list(template)
+    parts = parse_template(template) if isinstance(template, str) else list(template)
     return [pb.Segment(mask=p) if isinstance(p, int) else pb.Segment(text=p) for p in parts]
 
 
 def generate_request(prompt: str | bytes = "", *, modality: str = "text", model: str = "",
-                     params: Any = None, **knobs: Any) -> pb.GenerateRequest:  # fmt: skip
+                     params: Any = None, stop: Iterable[str] = (), n: int = 0,
+                     return_tokens: bool = False, **knobs: Any) -> pb.GenerateRequest:  # fmt: skip
+    """`stop`: strings that end a text/code output; `n`: samples (Generate only);
+    `return_tokens`: each generated token and its confidence in the response."""
     msg = pb.GenerateRequest(model=model, modality=_modality(modality),
-                             params=sampler_params(params, **knobs))  # fmt: skip
+                             params=sampler_params(params, **knobs), stop=list(stop), n=n,
+                             return_tokens=return_tokens)  # fmt: skip
     if isinstance(prompt, bytes):
         msg.midi = prompt
     else:
@@ -244,10 +240,11 @@ def generate_request(prompt: str | bytes = "", *, modality: str = "text", model:
 
 
 def infill_request(template: str | Iterable[str | int], *, modality: str = "text",
-                   model: str = "", params: Any = None, **knobs: Any) -> pb.GenerateRequest:  # fmt: skip
+                   model: str = "", params: Any = None, n: int = 0, return_tokens: bool = False,
+                   **knobs: Any) -> pb.GenerateRequest:  # fmt: skip
     return pb.GenerateRequest(
         model=model, modality=_modality(modality), params=sampler_params(params, **knobs),
-        infill=pb.Infill(segments=template_segments(template)),
+        infill=pb.Infill(segments=template_segments(template)), n=n, return_tokens=return_tokens,
     )  # fmt: skip
 
 

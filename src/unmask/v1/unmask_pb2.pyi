@@ -14,6 +14,14 @@ class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODALITY_CODE: _ClassVar[Modality]
     MODALITY_MIDI: _ClassVar[Modality]
 
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_EOS: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
+    FINISH_REASON_MAX_STEPS: _ClassVar[FinishReason]
+
 class BatchStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     BATCH_STATUS_UNSPECIFIED: _ClassVar[BatchStatus]
@@ -25,6 +33,11 @@ MODALITY_UNSPECIFIED: Modality
 MODALITY_TEXT: Modality
 MODALITY_CODE: Modality
 MODALITY_MIDI: Modality
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_EOS: FinishReason
+FINISH_REASON_STOP: FinishReason
+FINISH_REASON_MAX_STEPS: FinishReason
 BATCH_STATUS_UNSPECIFIED: BatchStatus
 BATCH_STATUS_RUNNING: BatchStatus
 BATCH_STATUS_CANCELLING: BatchStatus
@@ -104,7 +117,7 @@ class MidiSettings(_message.Message):
     def __init__(self, time_signature: _Optional[str] = ..., tempo: _Optional[float] = ..., programs: _Optional[_Iterable[int]] = ..., voices: _Optional[int] = ..., bars: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "modality", "prompt", "midi", "infill", "midi_infill", "midi_settings", "params")
+    __slots__ = ("model", "modality", "prompt", "midi", "infill", "midi_infill", "midi_settings", "params", "stop", "n", "return_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +126,9 @@ class GenerateRequest(_message.Message):
     MIDI_INFILL_FIELD_NUMBER: _ClassVar[int]
     MIDI_SETTINGS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     modality: Modality
     prompt: str
@@ -121,10 +137,13 @@ class GenerateRequest(_message.Message):
     midi_infill: MidiInfill
     midi_settings: MidiSettings
     params: SamplerParams
-    def __init__(self, model: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., prompt: _Optional[str] = ..., midi: _Optional[bytes] = ..., infill: _Optional[_Union[Infill, _Mapping]] = ..., midi_infill: _Optional[_Union[MidiInfill, _Mapping]] = ..., midi_settings: _Optional[_Union[MidiSettings, _Mapping]] = ..., params: _Optional[_Union[SamplerParams, _Mapping]] = ...) -> None: ...
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    n: int
+    return_tokens: bool
+    def __init__(self, model: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., prompt: _Optional[str] = ..., midi: _Optional[bytes] = ..., infill: _Optional[_Union[Infill, _Mapping]] = ..., midi_infill: _Optional[_Union[MidiInfill, _Mapping]] = ..., midi_settings: _Optional[_Union[MidiSettings, _Mapping]] = ..., params: _Optional[_Union[SamplerParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., n: _Optional[int] = ..., return_tokens: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "nfe", "steps", "tokens_per_forward", "latency_s", "finish_reason")
+    __slots__ = ("prompt_tokens", "generated_tokens", "nfe", "steps", "tokens_per_forward", "latency_s", "finish_reason", "reason")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NFE_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +151,7 @@ class Usage(_message.Message):
     TOKENS_PER_FORWARD_FIELD_NUMBER: _ClassVar[int]
     LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     nfe: int
@@ -139,21 +159,28 @@ class Usage(_message.Message):
     tokens_per_forward: float
     latency_s: float
     finish_reason: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., nfe: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_per_forward: _Optional[float] = ..., latency_s: _Optional[float] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    reason: FinishReason
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., nfe: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_per_forward: _Optional[float] = ..., latency_s: _Optional[float] = ..., finish_reason: _Optional[str] = ..., reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("job_id", "modality", "text", "midi", "usage")
+    __slots__ = ("job_id", "modality", "text", "midi", "usage", "params", "tokens", "samples")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MIDI_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     modality: Modality
     text: str
     midi: bytes
     usage: Usage
-    def __init__(self, job_id: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., text: _Optional[str] = ..., midi: _Optional[bytes] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    params: SamplerParams
+    tokens: _containers.RepeatedCompositeFieldContainer[Token]
+    samples: _containers.RepeatedCompositeFieldContainer[GenerateResponse]
+    def __init__(self, job_id: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., text: _Optional[str] = ..., midi: _Optional[bytes] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., params: _Optional[_Union[SamplerParams, _Mapping]] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., samples: _Optional[_Iterable[_Union[GenerateResponse, _Mapping]]] = ...) -> None: ...
 
 class Token(_message.Message):
     __slots__ = ("position", "id", "confidence")
