@@ -158,7 +158,9 @@ class GenerationRequest:
         if self.kind == "infill":
             if self.modality == "midi":
                 raise InvalidArgument("MIDI gaps use kind midi_infill", field="kind")
-            segments = tuple(self.segments) or parse_template(self.template)
+            segments = tuple(self.segments) or (
+                parse_template(self.template) if self.template else ()
+            )
             object.__setattr__(self, "segments", segments)
             object.__setattr__(self, "template", "")
             _check_segments(segments)

@@ -91,28 +91,17 @@ def _modality(msg: pb.GenerateRequest, source: str) -> str:
 
 
 def _segments(infill: pb.Infill) -> tuple[str | int, ...]:
-    if not infill.segments:
-        raise InvalidArgument("needs segments", field="infill.segments")
+    """Proto segments → the request's (text, or a gap length); their values (gap sizes, at
+    least one gap) are checked once, by GenerationRequest."""
     parts: list[str | int] = []
-    gaps = 0
     for i, seg in enumerate(infill.segments):
         kind = seg.WhichOneof("kind")
-        if kind == "mask":
-            if seg.mask < 1:
-                raise InvalidArgument("a gap needs >= 1 token", field=f"infill.segments[{i}].mask")
-            parts.append(seg.mask)
-            gaps += 1
-        elif kind == "text":
-            if "[MASK:" in seg.text:
-                raise InvalidArgument(
-                    "fixed text may not contain '[MASK:'; use a mask segment",
-                    field=f"infill.segments[{i}].text",
-                )
-            parts.append(seg.text)
-        else:
+        if kind is None:
             raise InvalidArgument("set text or mask", field=f"infill.segments[{i}]")
-    if not gaps:
-        raise InvalidArgument("needs at least one mask segment", field="infill.segments")
+        if kind == "text" and "[MASK:" in seg.text:  # a marker in fixed text is a client bug
+            raise InvalidArgument("fixed text may not contain '[MASK:'; use a mask segment",
+                                  field=f"infill.segments[{i}].text")  # fmt: skip
+        parts.append(seg.mask if kind == "mask" else seg.text)
     return tuple(parts)
 
 
