@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from unmask.errors import UnmaskError, error_from_dict
@@ -50,21 +51,17 @@ class GenerationResult:
         return self
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "status": self.status,
-            "output_text": self.output_text,
-            "output_midi_b64": base64.b64encode(self.output_midi).decode(),
-            "usage": dict(self.usage),
-            "error": self.error,
-            "params": dict(self.params),
-            "tokens": [list(t) for t in self.tokens],
-        }
+        """JSON-safe: every field by name, MIDI as `output_midi_b64` (a new field needs no code
+        here, only a JSON-friendly value)."""
+        wire = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "output_midi"}
+        wire["output_midi_b64"] = base64.b64encode(self.output_midi).decode()
+        return json.loads(json.dumps(wire))  # a deep copy: the wire form shares nothing
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> GenerationResult:
         """The JSON form back; `output_midi` may already be bytes (a payload fetched by
-        reference)."""
+        reference). Keys it does not know (a stored document's refs, `worker`, ...) are
+        ignored; missing ones take their defaults."""
         midi = d.get("output_midi")
         if not isinstance(midi, bytes):
             try:
@@ -72,14 +69,11 @@ class GenerationResult:
             except (binascii.Error, ValueError) as exc:
                 raise UnmaskError("a stored result's MIDI is not base64",
                                   field="output_midi_b64") from exc  # fmt: skip
-        status = str(d.get("status") or FAILED)
-        return cls(
-            job_id=str(d.get("job_id") or ""),
-            status=status if status in TERMINAL else FAILED,
-            output_text=str(d.get("output_text") or ""),
-            output_midi=midi,
-            usage=dict(d.get("usage") or {}),
-            error=d.get("error") if status != SUCCEEDED else None,
-            params=dict(d.get("params") or {}),
-            tokens=[list(t) for t in d.get("tokens") or ()],
-        )
+        known = {f.name for f in fields(cls)} - {"output_midi"}
+        values = {k: v for k, v in d.items() if k in known and v is not None}
+        status = str(values.pop("status", FAILED))
+        if status not in TERMINAL:
+            status = FAILED
+        if status == SUCCEEDED:
+            values.pop("error", None)
+        return cls(**{"job_id": "", **values}, status=status, output_midi=midi)

@@ -200,3 +200,22 @@ def test_cli_grpc_batch_and_in_process_give_the_same_output(target, tiny_model_d
             "prompt": "Same", "params": knobs}}]).id, timeout=60)  # fmt: skip
         outputs["batch"] = next(iter(c.batch_results(batch.id)))["response"]["text"]
     assert len(set(outputs.values())) == 1, outputs
+
+
+def test_a_refusal_reads_the_same_from_the_server_and_in_process(target, tiny_model_dir, capsys):
+    args = ["generate", "--prompt", "x " * 400, "--length", "64"]
+    assert main([*args, "--server", target]) == 2
+    remote = capsys.readouterr().err
+    assert main([*args, "--model", str(tiny_model_dir)]) == 2
+    assert capsys.readouterr().err == remote
+    assert remote.startswith("unmask: error: INVALID_ARGUMENT: prompt: is ")
+
+
+def test_a_batch_item_setting_only_block_length_gets_the_model_defaults(target, tmp_path, capsys):
+    """It used to fail with "params.steps: must be in [128, 128], got 64": a field the caller
+    never set."""
+    jsonl = tmp_path / "one.jsonl"
+    jsonl.write_text(json.dumps({"custom_id": "b", "body": {"prompt": "x",
+                                 "params": {"block_length": 1}}}) + "\n")  # fmt: skip
+    assert main(["batch", "submit", str(jsonl), "--server", target, "--wait"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["succeeded"] == 1

@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UnmaskError as exc:
-        print(f"unmask: error: {exc}", file=sys.stderr)
+    except UnmaskError as exc:  # the same line whether the server or this process refused it
+        text = str(exc) if type(exc).__str__ is not UnmaskError.__str__ else f"{exc.code}: {exc}"
+        print(f"unmask: error: {text}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `unmask … | head -1`: the reader has all it wanted
         import os
