@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import Any
 
 import redis
@@ -31,8 +33,11 @@ from unmask.workers.protocol import (
     result_key,
 )
 
+log = logging.getLogger("unmask.service")
+
 BLOCK_MS = 1000  # one XREAD waits at most this long before checking the result key
 RESULT_FETCH_S = 5.0
+CLOSE_WAIT_S = 8.0  # at close, how long queue calls under way may take to finish
 
 
 class CeleryDispatcher(Dispatcher):
@@ -42,6 +47,7 @@ class CeleryDispatcher(Dispatcher):
         super().__init__(settings)
         self.queue = JobQueue(settings)
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="unmask-queue")
+        self._calls: set[Future] = set()  # queue calls under way, waited for at close()
         self._redis = aioredis.Redis.from_url(
             settings.broker_url,
             socket_connect_timeout=1.0,
@@ -50,16 +56,25 @@ class CeleryDispatcher(Dispatcher):
 
     async def close(self) -> None:
         await self._redis.aclose()
-        # wait for the queue calls under way (each bounded by Redis's socket timeouts): one
-        # that finished after the event loop had stopped would leave its awaiting task (a job's
-        # `cancel`, say) pending forever, destroyed with the loop
-        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+        # wait for the queue calls under way (each should be bounded by Redis's socket
+        # timeouts): one that finished after the event loop had stopped would leave its
+        # awaiting task (a job's `cancel`, say) pending forever, destroyed with the loop. But
+        # never for ever: a call stuck in Celery/kombu is logged and left behind.
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        running = [f for f in self._calls if not f.done()]
+        if running:
+            _, stuck = await asyncio.to_thread(futures_wait, running, CLOSE_WAIT_S)
+            if stuck:
+                log.error("%d queue call(s) still running after %.0f s at shutdown",
+                          len(stuck), CLOSE_WAIT_S)  # fmt: skip
         await asyncio.to_thread(self.queue.close)
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """A JobQueue call (synchronous, raises BrokerUnavailable itself) off the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        future = self._pool.submit(functools.partial(fn, *args, **kwargs))
+        self._calls.add(future)
+        future.add_done_callback(self._calls.discard)
+        return await asyncio.wrap_future(future)
 
     async def _r(self, coro: Any) -> Any:
         try:

@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -55,6 +56,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Unmask"].full_name  # "unmask.v1.
 MAX_PAGE_SIZE = 100
 RESULTS_POLL_S = 0.2
 CANCEL_DRAIN_S = 5.0  # at shutdown, how long the cancellations of abandoned jobs may take
+STOP_PHASE_S = 10.0  # at shutdown, the most any other phase may take (more: logged, skipped)
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: UnmaskError) -> None:
@@ -521,18 +523,25 @@ class UnmaskServer:
             await asyncio.sleep(self.health_interval_s)
 
     async def stop(self, grace: float = 2.0) -> None:
+        """Stop serving, then let go of jobs, the batch runner, the dispatcher and the store.
+        Each phase has a time limit: a shutdown that hangs on one part (a queue call, a call
+        the core does not finish) logs which and goes on, instead of never returning."""
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
         if self._server is not None:
-            await self.health.enter_graceful_shutdown()
-            await self._server.stop(grace)
+            await _phase("grpc server", self._stop_grpc(grace), grace + STOP_PHASE_S)
         if self.servicer is not None:
-            await self.servicer.close()
-        await self.runner.close()
-        await self.dispatcher.close()
+            await _phase("abandoned calls", self.servicer.close(), CANCEL_DRAIN_S + STOP_PHASE_S)
+        await _phase("batch runner", self.runner.close(), STOP_PHASE_S)
+        await _phase("dispatcher", self.dispatcher.close(), STOP_PHASE_S)
         if isinstance(self.store, RedisBatchStore):
-            await self.store.r.aclose()
+            await _phase("batch store", self.store.r.aclose(), STOP_PHASE_S)
+
+    async def _stop_grpc(self, grace: float) -> None:
+        assert self._server is not None
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None
@@ -559,6 +568,35 @@ async def serve(settings: Settings, port: int | None = None) -> None:
         task.cancel()
 
 
+async def _phase(name: str, work: Awaitable[Any], timeout: float) -> None:
+    try:
+        await asyncio.wait_for(work, timeout)
+    except TimeoutError:
+        log.error("shutdown: %s took over %.0f s; going on without it", name, timeout)
+        dump_stacks(f"shutdown: {name} overran")
+
+
+def dump_stacks(why: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Every thread's stack and every task of the running loop, to the log: what a hang was
+    waiting for."""
+    import sys
+    import traceback
+
+    frames = sys._current_frames()
+    lines = [f"{why}; threads:"]
+    for thread in threading.enumerate():
+        frame = frames.get(thread.ident or -1)
+        if frame is not None:
+            lines.append(f"-- thread {thread.name}\n" + "".join(traceback.format_stack(frame)))
+    try:
+        for task in asyncio.all_tasks(loop):
+            lines.append(f"-- task {task.get_name()}: {task.get_coro()!r}")
+            lines.extend("".join(traceback.format_stack(f)) for f in task.get_stack(limit=8))
+    except RuntimeError:  # no loop here, or its tasks changed while we looked
+        pass
+    log.error("\n".join(lines))
+
+
 async def _settle() -> None:
     """Cancel and await whatever is left on the loop and close its async generators, as
     `asyncio.run` does: a task dropped with its loop still pending is logged as "Task was
@@ -579,8 +617,6 @@ class ServerThread:
     """
 
     def __init__(self, settings: Settings, **server_kwargs: Any) -> None:
-        import threading
-
         self.settings = settings
         self._kwargs = server_kwargs
         self.loop = asyncio.new_event_loop()
@@ -596,6 +632,7 @@ class ServerThread:
         try:
             return future.result(timeout)
         except TimeoutError:
+            dump_stacks(f"{what} took over {timeout} s", self.loop)
             future.cancel()
             raise TimeoutError(f"{what} took over {timeout} s") from None
 
