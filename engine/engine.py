@@ -15,6 +15,8 @@ False meanwhile, and queued and active jobs carry on after the restart.
 
 The Engine knows nothing of Celery, Redis or gRPC: `submit()` returns a `JobHandle` with an
 event iterator, the final result and `cancel()`; the worker and the local dispatcher wrap it.
+Nor of Prometheus: it reports what it does to an optional `EngineObserver` (batch sizes, tokens
+committed, job latencies), which the worker and the front end export (unmask/metrics.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -56,12 +58,27 @@ CRASH_LOOP_DEATHS = 3
 WATCH_INTERVAL_S = 0.5  # how often the watchdog looks up from the thread it guards for close()
 
 
+class EngineObserver(Protocol):
+    """What the Engine reports as it runs (for metrics). Called on the loop thread, so each
+    call must be cheap; one that raises is logged and ignored, never a job's failure."""
+
+    def forward(self, batch_size: int, seconds: float) -> None:
+        """One batched forward pass over `batch_size` jobs' windows."""
+
+    def job_step(self, committed: int) -> None:
+        """One diffusion job's denoising step, which committed `committed` tokens."""
+
+    def job_ended(self, status: str, seconds: float) -> None:
+        """A job's final status, `seconds` after its submission."""
+
+
 class JobHandle:
     """The caller's side of a job: events as they happen, the result, cancellation."""
 
     def __init__(self, request: GenerationRequest) -> None:
         self.request = request
         self.job_id = request.job_id
+        self.submitted = time.perf_counter()
         self._events: queue.Queue[dict | None] = queue.Queue()
         self._done = threading.Event()
         self._result: GenerationResult | None = None
@@ -120,8 +137,10 @@ class Engine:
         max_queue: int = 1024,
         batching: bool = True,
         restart_delay_s: float = RESTART_DELAY_S,
+        observer: EngineObserver | None = None,
     ) -> None:
         self.generator = generator
+        self.observer = observer
         self.max_batch = max_batch if batching else 1
         self.max_queue = max_queue
         self.restart_delay_s = restart_delay_s
@@ -259,7 +278,7 @@ class Engine:
         with self._lock:
             queued, self._queue = list(self._queue), deque()
         for handle, _ in queued:
-            handle._resolve(GenerationResult(handle.job_id, CANCELLED, error=closed))
+            self._resolve(handle, GenerationResult(handle.job_id, CANCELLED, error=closed))
 
     # ---- admission and interruption ---------------------------------------------------------
     def _admit_queued(self) -> None:
@@ -273,7 +292,7 @@ class Engine:
                 self._active.append(self._prepare(handle, should_cancel))
             except Exception as exc:
                 _log_failure(handle.job_id, "admit", exc)
-                handle._resolve(GenerationResult(handle.job_id, FAILED, error=_error(exc)))
+                self._resolve(handle, GenerationResult(handle.job_id, FAILED, error=_error(exc)))
 
     def _prepare(self, handle: JobHandle, should_cancel: Callable[[], bool] | None) -> _Active:
         job = self.generator.prepare(handle.request)
@@ -356,11 +375,14 @@ class Engine:
         self, ready: Sequence[tuple[_Active, StepInputs]]
     ) -> list[tuple[torch.Tensor, KVCache | None]]:
         """One forward pass over the jobs' windows → each job's (logits, cache)."""
+        t0 = time.perf_counter()
         batch = collate_inputs([inputs for _, inputs in ready], self.generator.vocab.pad_id)
         logits, cache = run_batch(self.generator.model, batch)
+        outputs = split_outputs(batch, logits, cache)
         self.forward_passes += 1
         self.rows_run += len(ready)
-        return split_outputs(batch, logits, cache)
+        self._observe("forward", len(ready), time.perf_counter() - t0)
+        return outputs
 
     def _advance(self, a: _Active, logits: torch.Tensor, cache: KVCache | None) -> bool:
         """Apply the job's step and publish it; True when the job has finished."""
@@ -370,6 +392,7 @@ class Engine:
             block_before = state.block
             block_pos = state.blocks[block_before]
             event = state.advance(logits, cache)
+            self._observe("job_step", int(event.committed_positions.numel()))
             _emit_step(a, event)
             if state.done or state.block != block_before:
                 self._emit_block(a, block_before, block_pos)
@@ -428,8 +451,22 @@ class Engine:
         if usage is None and a.state is not None:
             usage = {"nfe": a.state.nfe, "steps": a.state.step, "finish_reason": status,
                      "latency_s": round(time.perf_counter() - a.started, 4)}  # fmt: skip
-        a.handle._resolve(GenerationResult(a.handle.job_id, status, text, midi, usage or {}, error,
-                                           params or {}, tokens or []))  # fmt: skip
+        self._resolve(a.handle, GenerationResult(a.handle.job_id, status, text, midi, usage or {},
+                                                 error, params or {}, tokens or []))  # fmt: skip
+
+    def _resolve(self, handle: JobHandle, result: GenerationResult) -> None:
+        if not handle.done():  # counted before the caller can see the result
+            self._observe("job_ended", result.status, time.perf_counter() - handle.submitted)
+        handle._resolve(result)
+
+    def _observe(self, what: str, *args: Any) -> None:
+        """Tell the observer (if any); its failure is logged, never the Engine's."""
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, what)(*args)
+        except Exception:
+            log.warning("the engine observer failed on %s", what, exc_info=True)
 
 
 def cut_at_stop(text: str, stop: Sequence[str], prompt: str = "") -> tuple[str, bool]:

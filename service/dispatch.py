@@ -194,7 +194,13 @@ class LocalDispatcher(Dispatcher):
                 "max_seq_len": int(cfg.max_seq_len),
                 "architecture": "autoregressive" if generator.is_ar else "diffusion",
             }
-            return Engine(generator, max_batch=settings.max_batch, max_queue=settings.max_queue)
+            observer = None
+            if settings.metrics_port:  # the Engine's numbers on the front end's /metrics
+                from unmask.metrics import EngineMetrics
+
+                observer = EngineMetrics()
+            return Engine(generator, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                          observer=observer)  # fmt: skip
 
         try:
             engine = await asyncio.to_thread(load)

@@ -1,4 +1,5 @@
-"""Cross-cutting concerns of every call: request ids, structured logs, bearer-token auth.
+"""Cross-cutting concerns of every call: request ids, structured logs, metrics, bearer-token
+auth.
 
 - Request id: taken from the `x-request-id` metadata (if it is a sane token) or assigned; it is
   returned in the initial and trailing metadata and put in a context variable that a logging
@@ -27,7 +28,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -129,18 +130,35 @@ def _like(
     )
 
 
+class CallMetrics(Protocol):
+    """Where the calls are counted (service/metrics.py's RpcMetrics)."""
+
+    def started(self, method: str) -> None: ...
+
+    def ended(self, method: str, outcome: str, seconds: float) -> None: ...
+
+
 class _CallLog:
-    """One call's request id in the context variable and its closing log line.
+    """One call's request id in the context variable, its closing log line and its metrics.
 
     The peer is read once, while the call is live: `context.peer()` after the call has ended
     reads memory grpc has freed (grpcio >= 1.81: segfault at address 0)."""
 
-    def __init__(self, method: str, request_id: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(
+        self,
+        method: str,
+        request_id: str,
+        context: grpc.aio.ServicerContext,
+        metrics: CallMetrics | None = None,
+    ) -> None:
         self.method = method
+        self.metrics = metrics
         self.token = request_id_var.set(request_id)
         self.peer = context.peer()
         self.t0 = time.perf_counter()
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        if metrics is not None:
+            metrics.started(method)
 
     def end(self, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
         code = context.code()  # the status grpc will send (None: OK unless an error escapes)
@@ -149,14 +167,20 @@ class _CallLog:
             outcome = "CANCELLED"  # the client went away, or its deadline passed
         elif error is not None and outcome == "OK":
             outcome = type(error).__name__
-        log.info("rpc %s %s %.3fs peer=%s", self.method, outcome,
-                 time.perf_counter() - self.t0, self.peer)  # fmt: skip
+        seconds = time.perf_counter() - self.t0
+        log.info("rpc %s %s %.3fs peer=%s", self.method, outcome, seconds, self.peer)
         request_id_var.reset(self.token)
+        if self.metrics is not None:
+            self.metrics.ended(self.method, outcome, seconds)
 
 
 class RequestIdInterceptor(grpc.aio.ServerInterceptor):
-    """Assigns the request id, returns it in metadata, logs one line per call; a request that
-    does not parse is INVALID_ARGUMENT. Its handler is the outermost one, the one grpc runs."""
+    """Assigns the request id, returns it in metadata, logs one line per call (and counts it in
+    `metrics`, if given); a request that does not parse is INVALID_ARGUMENT. Its handler is the
+    outermost one, the one grpc runs."""
+
+    def __init__(self, metrics: CallMetrics | None = None) -> None:
+        self.metrics = metrics
 
     async def intercept_service(
         self,
@@ -173,7 +197,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         behaviour = handler.unary_stream if streaming else handler.unary_unary
 
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _CallLog(method, request_id, context)
+            call = _CallLog(method, request_id, context, self.metrics)
             error: BaseException | None = None
             try:
                 await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))

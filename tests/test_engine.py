@@ -198,3 +198,47 @@ def test_request_round_trips_through_json_and_validates(chorale_midi):
     with pytest.raises(InvalidArgument) as err:
         GenerationRequest.from_dict({**req.to_dict(), "params": {"steps": -1}})
     assert err.value.field == "steps"
+
+
+class _Recorder:
+    """An EngineObserver that keeps what it is told; `broken` makes every call raise."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.broken = broken
+        self.forwards: list[int] = []
+        self.committed: list[int] = []
+        self.ended: list[str] = []
+
+    def forward(self, batch_size: int, seconds: float) -> None:
+        assert seconds >= 0 and not self.broken, "observer broken"
+        self.forwards.append(batch_size)
+
+    def job_step(self, committed: int) -> None:
+        assert not self.broken, "observer broken"
+        self.committed.append(committed)
+
+    def job_ended(self, status: str, seconds: float) -> None:
+        assert seconds >= 0 and not self.broken, "observer broken"
+        self.ended.append(status)
+
+
+def test_the_observer_hears_every_forward_step_and_end(generator):
+    P = SamplerParams
+    requests = [GenerationRequest("text", prompt="Hi", params=P(gen_length=8, steps=s))
+                for s in (2, 4, 8)]  # fmt: skip
+    seen = _Recorder()
+    with Engine(generator, max_batch=8, observer=seen) as engine:
+        results = [h.result(timeout=60) for h in [engine.submit(r) for r in requests]]
+        forwards, rows = engine.forward_passes, engine.rows_run
+    assert [r.status for r in results] == [SUCCEEDED] * 3
+    steps = sum(r.usage["steps"] for r in results)
+    assert len(seen.forwards) == forwards and sum(seen.forwards) == rows == steps
+    assert max(seen.forwards) > 1  # batched
+    assert len(seen.committed) == steps and sum(seen.committed) >= 3 * 8
+    assert seen.ended == [SUCCEEDED] * 3
+
+
+def test_a_failing_observer_never_fails_a_job(generator):
+    request = GenerationRequest("text", prompt="Hi", params=SamplerParams(gen_length=8, steps=2))
+    with Engine(generator, observer=_Recorder(broken=True)) as engine:
+        assert engine.submit(request).result(timeout=60).status == SUCCEEDED

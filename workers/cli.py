@@ -28,6 +28,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="task threads feeding the one Engine (env UNMASK_WORKER_CONCURRENCY)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus /metrics on this port, 0 = off (env UNMASK_METRICS_PORT)",
+    )
     p.add_argument("--loglevel", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
     p.set_defaults(func=cmd_worker)
 
@@ -42,6 +48,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         device=args.device,
         worker_concurrency=args.concurrency,
+        metrics_port=args.metrics_port,
     )
     if settings.embedded:
         raise InvalidArgument(
@@ -56,6 +63,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from unmask.workers.protocol import queue_name
 
     check_broker(settings.broker_url)
+    if settings.metrics_port:  # the exporter starts once the model has loaded: check now
+        from unmask.metrics import check_port
+
+        check_port(settings.host, settings.metrics_port)
     app = make_app(settings)
     nodename = f"{settings.model_name}-{os.getpid()}@{socket.gethostname()}"
     tasks.configure(app, settings, hostname=nodename)

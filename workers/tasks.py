@@ -10,6 +10,7 @@ events and on Redis), so the GIL is not a bottleneck; the model runs on the Engi
 The model is loaded once per worker process, after any fork, never in a parent: lazily under a
 lock by the first task, and eagerly when the worker is ready (non-prefork pools) or in each
 prefork child (`worker_process_init`). A pid check reloads it if a process forked after loading.
+With `metrics_port` set, the process then serves /metrics (workers/metrics.py).
 
 A task is thin: unpack the request → (finished already? cancelled or expired while queued? then
 store without running) → submit to the Engine → relay its events to the job's Redis Stream →
@@ -53,8 +54,9 @@ from unmask.engine.engine import Engine
 from unmask.engine.request import GenerationRequest
 from unmask.engine.result import GenerationResult
 from unmask.errors import Cancelled, DeadlineExceeded, UnmaskError, error_dict
+from unmask.metrics import EngineMetrics
 from unmask.settings import Settings
-from unmask.workers import recovery
+from unmask.workers import metrics, recovery
 from unmask.workers.celery_app import REDIS_LOSS_DELIVERIES
 from unmask.workers.protocol import (
     CANCELLED,
@@ -139,6 +141,9 @@ class _WorkerState:
         self.engine: Engine | None = None
         self.engine_pid = 0
         self.device = ""
+        self.load_seconds = 0.0  # how long loading the model took
+        self.exporter: Any = None  # /metrics (settings.metrics_port), one per process
+        self.exporter_pid = 0
         self.redis: redis.Redis | None = None
         self.redis_pid = 0
         self.store_script: Any = None
@@ -210,16 +215,18 @@ def get_engine() -> Engine:
                 generator,
                 max_batch=s.max_batch,
                 max_queue=s.worker_concurrency + s.max_batch,
+                observer=EngineMetrics() if s.metrics_port else None,
             )
             _state.engine = engine.start()
             _state.engine_pid = os.getpid()
             _state.device = device
+            _state.load_seconds = time.perf_counter() - t0
             log.info(
                 "model %s (%s) loaded on %s in %.2fs, pid %d",
                 s.model_name,
                 s.model or "shipped default",
                 device,
-                time.perf_counter() - t0,
+                _state.load_seconds,
                 os.getpid(),
             )
         return _state.engine
@@ -228,7 +235,24 @@ def get_engine() -> Engine:
 # ---- lifecycle signals ----------------------------------------------------------------------
 def _init_process() -> None:
     get_engine()
+    _start_metrics()  # before the heartbeat: a live worker already serves /metrics
     _start_heartbeat()
+
+
+def _start_metrics() -> None:
+    """This process's /metrics exporter, once the model has loaded (settings.metrics_port)."""
+    s = _settings()
+    if not s.metrics_port or _state.exporter_pid == os.getpid():
+        return
+    _state.exporter_pid = os.getpid()
+    engine = _state.engine
+    try:
+        _state.exporter = metrics.start(
+            s, device=_state.device, load_seconds=_state.load_seconds,
+            engine_load=lambda: engine.load if engine is not None else 0,
+        )  # fmt: skip
+    except UnmaskError as exc:  # the port was free at start-up (cli.py); jobs still run
+        log.error("no metrics: %s", exc)
 
 
 def _on_process_init(**_: Any) -> None:  # a prefork child, after the fork
@@ -251,6 +275,9 @@ def _on_shutdown(**_: Any) -> None:
             _redis().delete(worker_key(_settings().model_name, _state.hostname))
         except redis.RedisError:
             pass
+    if _state.exporter is not None:
+        _state.exporter.close()
+        _state.exporter = None
     if _state.engine is not None:
         _state.engine.close()
 
