@@ -24,6 +24,13 @@ lint: setup
 test: setup install lint
 	$(PY) -m pytest
 
+# The playground: the embedded server with the HTTP gateway; open the printed URL.
+PLAY_PORT ?= 8000
+.PHONY: play
+play: setup install
+	@echo "playground: http://127.0.0.1:$(PLAY_PORT)/  (Ctrl+C stops it)"
+	$(PY) -m unmask serve --host 127.0.0.1 --http-port $(PLAY_PORT)
+
 .PHONY: bench
 bench: setup install
 	$(PY) bench/run_all.py --quick

@@ -10,10 +10,13 @@ DEB_ROOT=${UNMASK_DEB_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/unmask/deb}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo -n "$@"; else return 1; fi; }
 
-# System packages: redis-server (queue tests), python3.11-doc (prose corpus), wamerican (eval).
+# System packages: redis-server (queue tests), python3.11-doc (prose corpus), wamerican (eval),
+# chromium + chromium-driver (the playground's browser test).
 if command -v apt-get >/dev/null; then
   need=()
   command -v redis-server >/dev/null || need+=(redis-server)
+  command -v chromium >/dev/null || need+=(chromium)
+  command -v chromedriver >/dev/null || need+=(chromium-driver)
   [ -d /usr/share/doc/python3.11/html/_sources ] || need+=(python3.11-doc)
   [ -f /usr/share/dict/american-english ] || need+=(wamerican)  # text quality gate word list
   if [ ${#need[@]} -gt 0 ]; then

@@ -1,4 +1,4 @@
-"""`unmask generate | infill | midi | serve | batch | health`: the service's commands.
+"""`unmask generate | infill | midi | serve | batch | health | gateway`: the service's commands.
 
 `generate`, `infill` and `midi` take one path: build the request (the client's proto builders,
 mapped by `service.mapping` like any gRPC call), then hand it to a Dispatcher: a server with
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("generate", "infill", "midi", "serve", "batch", "health")  # torch-free to start
+COMMANDS = ("generate", "infill", "midi", "serve", "batch", "health", "gateway")  # torch-free
 
 
 # ---- shared flags --------------------------------------------------------------------------
@@ -279,6 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, broker_url=args.broker, model=args.model,
         model_name=args.model_name, device=args.device, auth_tokens=tokens,
         tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=args.max_message_bytes,
+        metrics_port=args.metrics_port, http_port=args.http_port,
     )  # fmt: skip
     configure_logging(args.log_level)
     if settings.broker_url:
@@ -286,6 +287,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         check_broker(settings.broker_url)  # fail at once with a clear message
     asyncio.run(serve(settings))
+    return 0
+
+
+# ---- unmask gateway -----------------------------------------------------------------------
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    """The HTTP gateway in front of a gRPC server (imports no torch)."""
+    import asyncio
+
+    from unmask.service.gateway import run_gateway
+    from unmask.service.interceptors import configure_logging
+    from unmask.settings import Settings
+
+    s = Settings.from_env()
+    target = args.server or f"{s.host}:{s.port}"
+    configure_logging(args.log_level)
+    asyncio.run(run_gateway(target, args.host, args.port, token=args.token,
+                            root_certificates=args.ca, server_name=args.server_name,
+                            timeout=args.timeout, max_body_bytes=2 * s.max_message_bytes))  # fmt: skip
     return 0
 
 
@@ -459,6 +480,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key (env UNMASK_TLS_KEY)")
     p.add_argument("--max-message-bytes", type=int, default=None,
                    help="gRPC message size limit (env UNMASK_MAX_MESSAGE_BYTES)")  # fmt: skip
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics on this port, 0 = off (env UNMASK_METRICS_PORT)")  # fmt: skip
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the HTTP gateway (OpenAI-compatible API, playground) on "
+                        "this port, in this process; 0 = off (env UNMASK_HTTP_PORT)")  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_serve)
 
@@ -482,6 +508,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_client_args(p)
     add_sampler_args(p, gen_length=128)
     p.set_defaults(func=cmd_midi, temperature=1.0)
+
+    p = sub.add_parser("gateway", help="HTTP gateway to a server: OpenAI-compatible API, "
+                       "JSON/SSE endpoints, the playground")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="HTTP listen address")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--log-level", default="INFO")
+    add_client_args(p, required_server=True)
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("health", help="exit 0 if the server (or --worker: this host's worker) "
                        "is serving")  # fmt: skip

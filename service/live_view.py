@@ -46,6 +46,25 @@ def piece(token_id: int, modality: str) -> str:
     return tok.decode([local])
 
 
+@lru_cache(maxsize=1)
+def all_pieces() -> list[str]:
+    """Every id's text as the live views draw it (specials "", MIDI ♪), for the playground;
+    [] when no vocabulary is shipped."""
+    bpe = _bpe()
+    if bpe is None:
+        return []
+    tok, base = bpe
+    size = base + tok.get_vocab_size()
+    try:
+        import unmask
+
+        vocab = Path(unmask.__file__).parent / "assets" / "vocab" / "vocab.json"
+        size = int(json.loads(vocab.read_text())["size"])
+    except Exception:
+        pass
+    return [piece(i, "text") for i in range(size)]
+
+
 class CanvasView:
     """Feed it the stream's events; it redraws the canvas in place on a terminal (or prints
     one line per step otherwise)."""

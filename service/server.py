@@ -44,6 +44,7 @@ from unmask.service.interceptors import (
     RequestIdInterceptor,
     request_id_var,
 )
+from unmask.service.metrics import FrontEndMetrics, RpcMetrics
 from unmask.service.status import JobFailed, NotFound, TooLarge, to_status
 from unmask.settings import Settings
 from unmask.v1 import unmask_pb2 as pb
@@ -438,6 +439,7 @@ class UnmaskServer:
         self._server: grpc.aio.Server | None = None
         self.servicer: UnmaskServicer | None = None
         self._health_task: asyncio.Task | None = None
+        self.metrics: FrontEndMetrics | None = None  # /metrics (settings.metrics_port)
 
     def _make_store(self) -> BatchStore:
         if self.dispatcher.kind == "local":
@@ -459,7 +461,8 @@ class UnmaskServer:
 
     async def start(self, port: int | None = None) -> int:
         s = self.settings
-        interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
+        calls = RpcMetrics() if s.metrics_port else None
+        interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor(calls)]
         if s.auth_tokens:
             interceptors.append(AuthInterceptor(s.auth_tokens))
         server = grpc.aio.server(interceptors=interceptors, options=self._options())
@@ -481,6 +484,12 @@ class UnmaskServer:
         if not self.port:
             raise InvalidArgument(f"cannot listen on {address}: the port is in use (or the "
                                   "address is not this machine's)", field="port")  # fmt: skip
+        if s.metrics_port:
+            try:  # a metrics port in use: one clear error, nothing left listening
+                self.metrics = FrontEndMetrics.start(s, self.dispatcher)
+            except InvalidArgument:
+                await server.stop(None)
+                raise
         await self._set_health(False)
         await server.start()
         self._server = server
@@ -537,6 +546,9 @@ class UnmaskServer:
         await _phase("dispatcher", self.dispatcher.close(), STOP_PHASE_S)
         if isinstance(self.store, RedisBatchStore):
             await _phase("batch store", self.store.r.aclose(), STOP_PHASE_S)
+        metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            await _phase("metrics exporter", asyncio.to_thread(metrics.close), STOP_PHASE_S)
 
     async def _stop_grpc(self, grace: float) -> None:
         assert self._server is not None
@@ -553,7 +565,14 @@ async def serve(settings: Settings, port: int | None = None) -> None:
     import signal
 
     server = UnmaskServer(settings)
+    http = None
+    if settings.http_port:  # bound before anything starts: a port in use is one line
+        from unmask.service.gateway import EmbeddedGateway
+
+        http = EmbeddedGateway(settings)
     await server.start(port)
+    if http is not None:
+        await http.start(server.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -563,6 +582,8 @@ async def serve(settings: Settings, port: int | None = None) -> None:
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down")
+    if http is not None:
+        await http.stop()
     await server.stop()
     for task in (waiter, stopper):
         task.cancel()

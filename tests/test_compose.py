@@ -61,7 +61,10 @@ def test_front_end_and_workers_share_the_broker_and_model_name(compose):
     assert envs["worker-cpu"]["UNMASK_DEVICE"] == "cpu"
     server = envs["server"]
     assert server["UNMASK_HOST"] == "0.0.0.0"
-    assert services["server"]["ports"] == [f"{server['UNMASK_PORT']}:{server['UNMASK_PORT']}"]
+    grpc_port, http_port = server["UNMASK_PORT"], server["UNMASK_HTTP_PORT"]
+    # gRPC published; the HTTP gateway + playground on loopback only
+    assert services["server"]["ports"] == [f"{grpc_port}:{grpc_port}",
+                                           f"127.0.0.1:{http_port}:{http_port}"]  # fmt: skip
 
 
 def test_redis_is_durable_private_and_checked(compose):
@@ -97,6 +100,31 @@ def test_the_gpu_worker_reserves_a_gpu(compose):
     devices = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
     assert "deploy" not in compose["services"]["worker-cpu"]
+
+
+def test_the_monitoring_profile_scrapes_the_front_end_and_every_worker(compose):
+    services = compose["services"]
+    for name in ("flower", "prometheus"):
+        assert services[name]["profiles"] == ["monitoring"], name
+        assert services[name]["image"].startswith("${UNMASK_"), name  # overridable
+    envs = {n: _env(services[n]) for n in ("server", "worker", "worker-cpu")}
+    ports = {int(e["UNMASK_METRICS_PORT"]) for e in envs.values()}
+    assert len(ports) == 1 and 0 not in ports
+    port = ports.pop()
+    for name, env in envs.items():  # reachable from the Prometheus container, not published
+        assert env["UNMASK_HOST"] == "0.0.0.0" and str(port) in services[name]["expose"], name
+    assert f"{port}:{port}" not in " ".join(services["server"]["ports"])
+    # the scrape config is the file mounted into the Prometheus container
+    source, target = services["prometheus"]["volumes"][0].split(":")[:2]
+    assert target == "/etc/prometheus/prometheus.yml"
+    assert f"--config.file={target}" in services["prometheus"]["command"]
+    jobs = {j["job_name"]: j for j in yaml.safe_load((REPO / source).read_text())["scrape_configs"]}
+    assert jobs["unmask-server"]["static_configs"][0]["targets"] == [f"server:{port}"]
+    dns = jobs["unmask-worker"]["dns_sd_configs"][0]  # every container of each worker service
+    assert set(dns["names"]) == {"worker", "worker-cpu"} and dns["port"] == port
+    # Flower watches the same broker as the front end and the workers
+    broker = [a for a in services["flower"]["command"] if a.startswith("--broker=")]
+    assert broker == [f"--broker={envs['server']['UNMASK_BROKER_URL']}"]
 
 
 def test_the_dockerfile_installs_the_package_and_defaults_to_serve():

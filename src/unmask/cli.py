@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "unmask.service.cli",
         "exit 0 if the server (or --worker: this host's worker) is serving",
     ),  # fmt: skip
+    "gateway": (
+        "unmask.service.cli",
+        "HTTP gateway to a server: OpenAI-compatible API, JSON/SSE endpoints, the playground",
+    ),  # fmt: skip
     "worker": ("unmask.workers.cli", "serve a model's job queue from Redis (Celery worker)"),
     "train": ("unmask.models.cli", "train the diffusion model or the AR baseline"),
     "eval": ("unmask.models.cli", "held-out likelihood and sample metrics per modality"),

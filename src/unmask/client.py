@@ -22,6 +22,8 @@ field at fault in `.field` and the server's request id in `.request_id`. Torch-f
 from __future__ import annotations
 
 import base64
+import copy
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -564,6 +566,24 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def with_identity(self, *, token: str | None = None,
+                      request_id: str | None = None) -> AsyncClient:  # fmt: skip
+        """The same channel, calling with another bearer token and/or request id (the HTTP
+        gateway passes each caller's own through); closing it closes the shared channel."""
+        other = copy.copy(self)
+        other._c = dataclasses.replace(self._c, token=token or self._c.token,
+                                       request_id=request_id or self._c.request_id)  # fmt: skip
+        return other
+
+    async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """A unary RPC by name ("Generate", "GetJob", ...) → its proto response."""
+        return await self._unary(method, request, timeout)
+
+    def call_stream(self, method: str, request: Any,
+                    timeout: float | None = None) -> AsyncIterator[Any]:  # fmt: skip
+        """A server-streaming RPC by name → its proto messages (closing it cancels the call)."""
+        return self._stream(method, request, timeout)
 
     async def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:

@@ -40,6 +40,8 @@ class Settings:
     max_message_bytes: int = 16 << 20  # gRPC send/receive limit, server and client
     batch_window: int = 32  # items of one batch job in flight at once (the rest wait)
     max_batch_items: int = 50_000  # items per batch job
+    metrics_port: int = 0  # Prometheus /metrics on this port (front end or worker); 0 = off
+    http_port: int = 0  # `unmask serve`: the HTTP gateway in the same process; 0 = off
 
     def __post_init__(self) -> None:
         if self.broker_url and not self.broker_url.startswith(("redis://", "rediss://")):
@@ -57,6 +59,12 @@ class Settings:
                      "max_deliveries"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise InvalidArgument("must be >= 1", field=name, value=getattr(self, name))
+        if not 0 <= self.metrics_port <= 65535:
+            raise InvalidArgument("must be 0 (off) to 65535", field="metrics_port",
+                                  value=self.metrics_port)  # fmt: skip
+        if not 0 <= self.http_port <= 65535:
+            raise InvalidArgument("must be 0 (off) to 65535", field="http_port",
+                                  value=self.http_port)  # fmt: skip
 
     @classmethod
     def env_names(cls) -> dict[str, str]:
