@@ -590,11 +590,17 @@ async def serve(settings: Settings, port: int | None = None) -> None:
 
 
 async def _phase(name: str, work: Awaitable[Any], timeout: float) -> None:
-    try:
-        await asyncio.wait_for(work, timeout)
-    except TimeoutError:
-        log.error("shutdown: %s took over %.0f s; going on without it", name, timeout)
-        dump_stacks(f"shutdown: {name} overran")
+    """Await one phase of a shutdown; one that overruns is logged with every stack (taken
+    before it is cancelled, so they show where it waits) and left behind."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if done:
+        task.result()
+        return
+    log.error("shutdown: %s took over %.0f s; going on without it", name, timeout)
+    dump_stacks(f"shutdown: {name} overran")
+    task.cancel()
+    await asyncio.wait({task}, timeout=1.0)  # one that swallows its cancellation stays behind
 
 
 def dump_stacks(why: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
