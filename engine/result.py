@@ -44,12 +44,6 @@ class GenerationResult:
         return error_from_dict(self.error or {"message": f"the job {self.status}"},
                                default_code=_STATUS_CODE.get(self.status, "INTERNAL"))  # fmt: skip
 
-    def raise_for_status(self) -> GenerationResult:
-        exc = self.exception()
-        if exc is not None:
-            raise exc
-        return self
-
     def to_wire(self) -> dict[str, Any]:
         """JSON-safe: every field by name, MIDI as `output_midi_b64` (a new field needs no code
         here, only a JSON-friendly value)."""

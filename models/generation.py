@@ -356,14 +356,7 @@ class Generator:
                 value=len(ids),
             )
         canvas = self._check_canvas(canvas, field="midi")
-
-        def decode(result: SampleResult) -> bytes:
-            return self._decode_midi([i for i in result.ids.tolist() if i >= NUM_SPECIAL])
-
-        return Prepared(
-            "midi", canvas, fit_params(params, canvas.n_masked), None,
-            canvas.length - canvas.n_masked, decode,
-        )  # fmt: skip
+        return self._midi_job(canvas, params)
 
     def midi_settings_limits(self, voices: int) -> tuple[int, int]:
         """(most voices, most bars with `voices` voices) a settings piece can have in this model's
@@ -417,6 +410,10 @@ class Generator:
             fixed = [track_end]
         segments.append(Fixed(fixed))
         canvas = self._check_canvas(Canvas(segments), field="midi_settings")
+        return self._midi_job(canvas, params)
+
+    def _midi_job(self, canvas: Canvas, params: SamplerParams) -> Prepared:
+        """A MIDI job whose output is the whole canvas decoded (a continued or new piece)."""
 
         def decode(result: SampleResult) -> bytes:
             return self._decode_midi([i for i in result.ids.tolist() if i >= NUM_SPECIAL])

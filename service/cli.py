@@ -82,7 +82,6 @@ async def _run_local(msg: Any, args: argparse.Namespace, view: Any = None) -> An
     from unmask.client import Generation
     from unmask.service import mapping
     from unmask.service.dispatch import LocalDispatcher
-    from unmask.service.status import JobFailed
     from unmask.settings import Settings
 
     settings = Settings.from_env().with_overrides(model=args.model, device=args.device,
@@ -101,9 +100,7 @@ async def _run_local(msg: Any, args: argparse.Namespace, view: Any = None) -> An
     finally:
         await dispatcher.close()
     if not result.ok:
-        failed = JobFailed(result)
-        failed.field = mapping.proto_field(failed.field)
-        raise failed
+        raise mapping.job_failed(result)
     return Generation(result.job_id, request.modality, result.output_text, result.output_midi,
                       result.usage, result.params, result.tokens)  # fmt: skip
 

@@ -48,6 +48,7 @@ from starlette.staticfiles import StaticFiles
 from unmask.client import (
     AsyncClient,
     ServiceError,
+    jsonl_rows,
     midi_request,
     request_from_json,
     template_segments,
@@ -471,14 +472,7 @@ def _batch_rows(data: bytes) -> Any:
         whole = None  # JSONL: one object per line
     if isinstance(whole, list) or (isinstance(whole, dict) and "items" in whole):
         return whole
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise InvalidArgument(f"not JSON: {exc}", field=f"line {n}") from None
-    return rows
+    return jsonl_rows(text.splitlines(), lambda n: f"line {n}")
 
 
 # ---- the application -----------------------------------------------------------------------

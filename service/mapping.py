@@ -14,6 +14,7 @@ from unmask.engine.request import GenerationRequest, MidiSettings
 from unmask.engine.result import GenerationResult
 from unmask.errors import InvalidArgument, UnmaskError
 from unmask.models.sampler_params import MODEL_DEFAULTABLE, SamplerParams
+from unmask.service.status import JobFailed
 from unmask.v1 import unmask_pb2 as pb
 
 MODALITY_TO_PROTO = {"text": pb.MODALITY_TEXT, "code": pb.MODALITY_CODE, "midi": pb.MODALITY_MIDI}
@@ -199,6 +200,13 @@ def usage_to_proto(u: dict[str, Any] | None) -> pb.Usage:
         latency_s=float(u.get("latency_s") or 0.0),
         finish_reason=str(u.get("finish_reason") or ""),
     )
+
+
+def job_failed(result: GenerationResult) -> JobFailed:
+    """A failed job's result → the error its caller gets, its field as a proto path."""
+    failed = JobFailed(result)
+    failed.field = proto_field(failed.field)
+    return failed
 
 
 def response_to_proto(result: GenerationResult, modality: str) -> pb.GenerateResponse:

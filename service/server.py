@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.exceptions import RedisError
 
-from unmask.errors import InvalidArgument, UnmaskError
+from unmask.errors import InvalidArgument, NotFound, TooLarge, UnmaskError
 from unmask.service import mapping
 from unmask.service.batches import (
     FINISHED,
@@ -45,7 +45,7 @@ from unmask.service.interceptors import (
     request_id_var,
 )
 from unmask.service.metrics import FrontEndMetrics, RpcMetrics
-from unmask.service.status import JobFailed, NotFound, TooLarge, to_status
+from unmask.service.status import to_status
 from unmask.settings import Settings
 from unmask.v1 import unmask_pb2 as pb
 from unmask.v1 import unmask_pb2_grpc as pb_grpc
@@ -225,9 +225,7 @@ class UnmaskServicer(pb_grpc.UnmaskServicer):
     def _response(final: dict[str, Any], modality: str) -> pb.GenerateResponse:
         result = final["result"]
         if not result.ok:
-            failed = JobFailed(result)
-            failed.field = mapping.proto_field(failed.field)
-            raise failed
+            raise mapping.job_failed(result)
         return mapping.response_to_proto(result, modality)
 
     async def _follow(self, job_id: str) -> AsyncIterator[dict[str, Any]]:

@@ -7,12 +7,10 @@ use; nothing else picks codes.
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 
 from unmask.engine.result import GenerationResult
-from unmask.errors import NotFound, TooLarge, UnmaskError  # noqa: F401 - the front end's errors
+from unmask.errors import UnmaskError
 
 
 class JobFailed(UnmaskError):
@@ -36,8 +34,3 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, UnmaskError):
         return status_code(exc.code), str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
-
-
-def error_code(error: dict[str, Any] | None) -> str:
-    """The code name in a job's error dict (INTERNAL when it names none)."""
-    return str((error or {}).get("code") or "INTERNAL")

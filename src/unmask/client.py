@@ -26,7 +26,7 @@ import copy
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,18 +315,23 @@ def batch_items(rows: Iterable[dict[str, Any]]) -> list[pb.BatchItem]:
     return items
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def jsonl_rows(lines: Iterable[str], where: Callable[[int], str]) -> list[Any]:
+    """One JSON value per non-blank line; a line that does not parse is named (`where(n)`)."""
     import json
 
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InvalidArgument(f"not JSON: {exc}", field=f"{path}:{n}") from None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InvalidArgument(f"not JSON: {exc}", field=where(n)) from None
     return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return jsonl_rows(f, lambda n: f"{path}:{n}")
 
 
 # ---- channels --------------------------------------------------------------------------------
