@@ -129,6 +129,7 @@ class GenerationRequest:
     midi_settings: MidiSettings | None = None
     stop: tuple[str, ...] = ()  # text/code: the output ends before the first of these
     return_tokens: bool = False  # the result carries each generated token and its confidence
+    chat: tuple[tuple[str, str], ...] = ()  # (role, content) messages: the model's chat template
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -187,6 +188,8 @@ class GenerationRequest:
             raise InvalidArgument("stop strings are for text and code", field="stop")
         if not isinstance(self.return_tokens, bool):
             raise InvalidArgument("must be true or false", field="return_tokens")
+        if self.chat:
+            _check_chat(self)
         if self.midi_settings is not None:
             if not isinstance(self.midi_settings, MidiSettings):
                 raise InvalidArgument("must be MidiSettings", field="midi_settings")
@@ -212,6 +215,7 @@ class GenerationRequest:
             "midi_settings": self.midi_settings.to_dict() if self.midi_settings else None,
             "stop": list(self.stop),
             "return_tokens": self.return_tokens,
+            "chat": [list(m) for m in self.chat],
         }
 
     @classmethod
@@ -242,7 +246,22 @@ class GenerationRequest:
             midi_settings=MidiSettings.from_dict(settings) if settings is not None else None,
             stop=tuple(d.get("stop") or ()),
             return_tokens=bool(d.get("return_tokens", False)),
+            chat=tuple(tuple(m) for m in d.get("chat") or ()),
         )
+
+
+def _check_chat(request: GenerationRequest) -> None:
+    """Messages are (role, content) string pairs, for a text/code generation with no prompt."""
+    chat = tuple(tuple(m) for m in request.chat)
+    object.__setattr__(request, "chat", chat)
+    if request.kind != "generate" or request.modality == "midi" or request.prompt:
+        raise InvalidArgument("chat is a text/code generation without a prompt", field="chat")
+    for i, m in enumerate(chat):
+        if len(m) != 2 or not all(isinstance(x, str) for x in m) or not 1 <= len(m[0]) <= 32:
+            raise InvalidArgument("a message is a role (1..32 characters) and its content",
+                                  field=f"chat.messages[{i}]")  # fmt: skip
+    if sum(len(m[1]) for m in chat) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"at most {MAX_PROMPT_CHARS} characters", field="chat")
 
 
 def _check_segments(segments: tuple[Any, ...]) -> None:

@@ -10,9 +10,18 @@ The attention pattern is a config (`attention`):
   * "block_causal" with `block_size`: positions are grouped into blocks of `block_size` by their
     absolute (RoPE) position; a token sees its own block both ways and every earlier block
     (BD3-LM, SDAR, Fast-dLLM v2). Committed blocks then have an exact KV cache.
-`token_shift=True` (a block-diffusion model converted from the AR one, as Dream / Fast-dLLM v2):
-the logit at position i predicts the token at i + 1, so the AR head is reused; samplers and
+`token_shift=True` (a block-diffusion model converted from the AR one, as Fast-dLLM v2): the
+logit at position i predicts the token at i + 1, so the AR head is reused; samplers and
 objectives read a position's prediction from the position before it.
+`output_shift=True` (Dream, DiffuCoder: full attention, converted from an AR model): the same fact
+handled here instead, as those models' own code does: the network returns, at position i, the
+logits computed from the output at i - 1 (position 0 keeps its own), so a sampler reads position i
+as usual. It needs the whole canvas in every forward (no KV cache).
+
+Public checkpoints (LLaDA, Qwen2/Dream, Qwen3/SDAR; models/families/) load onto this same network:
+grouped-query attention (`n_kv_heads`; the KV cache holds the KV heads only), an explicit
+`head_size`, optional q/k/v bias (`qkv_bias`), per-head RMSNorm of queries and keys (`qk_norm`)
+and an untied output head (`tie_embeddings=False`).
 
 Two kinds of "not a token" must not be confused:
   * MASK is a vocabulary token (the absorbing state). It is attended to like any other token and
@@ -42,6 +51,11 @@ class ModelConfig:
     d_model: int = 256  # width of the residual stream
     n_layers: int = 6  # number of Transformer blocks
     n_heads: int = 4  # attention heads; head dim = d_model // n_heads (must be even for RoPE)
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None -> n_heads
+    head_size: int | None = None  # explicit head dim (Qwen3); None -> d_model // n_heads
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    tie_embeddings: bool = True  # output head = input embedding matrix
     mlp_hidden: int | None = None  # SwiGLU hidden width; None -> 8/3 * d_model rounded up to 64
     max_seq_len: int = 512  # longest canvas: RoPE angles exist for positions 0..max_seq_len-1
     rope_theta: float = 10000.0  # RoPE base frequency
@@ -50,6 +64,7 @@ class ModelConfig:
     attention: str = "full"  # "full" | "causal" | "block_causal" (see the module docstring)
     block_size: int = 1  # block_causal: positions per block (blocks start at position 0)
     token_shift: bool = False  # the logit at i predicts token i + 1 (AR head reused)
+    output_shift: bool = False  # the network itself returns at i the logits of output i - 1
     norm_eps: float = 1e-6  # RMSNorm epsilon
     mask_id: int | None = None  # the MASK token: its logit is set to -inf (never a prediction)
 
@@ -59,12 +74,19 @@ class ModelConfig:
         if self.mlp_hidden is None:
             # SwiGLU has three matrices instead of two: 8/3 * d keeps the parameter count of a 4*d MLP
             self.mlp_hidden = 64 * math.ceil(8 * self.d_model / 3 / 64)
-        heads_ok = self.n_heads > 0 and self.d_model % (2 * self.n_heads) == 0  # even head dim
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_size is None:
+            heads_ok = self.n_heads > 0 and self.d_model % (2 * self.n_heads) == 0  # even head dim
+        else:
+            heads_ok = self.n_heads > 0 and self.head_size > 0 and self.head_size % 2 == 0
         checks = {
             "vocab_size": self.vocab_size > 0,
             "d_model": self.d_model > 0,
             "n_layers": self.n_layers > 0,
             "n_heads": heads_ok,
+            "n_kv_heads": self.n_kv_heads > 0 and heads_ok and self.n_heads % self.n_kv_heads == 0,
+            "output_shift": not (self.output_shift and self.token_shift),
             "mlp_hidden": self.mlp_hidden > 0,
             "max_seq_len": self.max_seq_len > 0,
             "rope_theta": self.rope_theta > 0,
@@ -76,7 +98,11 @@ class ModelConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                hint = " (d_model must split into heads of even size)" if name == "n_heads" else ""
+                hint = {
+                    "n_heads": " (d_model must split into heads of even size)",
+                    "n_kv_heads": " (must divide n_heads)",
+                    "output_shift": " (the shift is either the network's or the sampler's)",
+                }.get(name, "")
                 raise InvalidArgument(
                     f"invalid model setting {name}={getattr(self, name)!r}{hint}",
                     field=name,
@@ -85,7 +111,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size if self.head_size is not None else self.d_model // self.n_heads
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,7 +135,7 @@ class KVCache:
     before caching, so every key already carries its own position.
     """
 
-    layers: list[tuple[Tensor, Tensor]]  # per block: (keys, values), each [B, n_heads, P, head_dim]
+    layers: list[tuple[Tensor, Tensor]]  # per block: (keys, values), each [B, n_kv_heads, P, hd]
     pad_mask: Tensor  # [B, P] bool; True = real position, False = batching padding (never attended)
 
     @property
@@ -174,11 +200,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class SelfAttention(nn.Module):
+    """Multi-head attention; grouped-query when n_kv_heads < n_heads (each KV head serves
+    n_heads / n_kv_heads query heads, and the cache stores the KV heads only)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
-        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.n_kv_heads = int(config.n_kv_heads or config.n_heads)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.qkv = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.qkv_bias)
+        self.out = nn.Linear(q_dim, config.d_model, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -191,23 +226,32 @@ class SelfAttention(nn.Module):
         is_causal: bool,
         past_kv: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (z.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, H, T, hd]
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split, dim=2)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):  # per-head RMSNorm (Qwen3), before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, KV, T, hd]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_kv is not None:
-            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)  # [B, H, P + T, hd]
+            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)  # [B, KV, P + T, hd]
             v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
+        k_all, v_all = k, v
+        if self.n_kv_heads != self.n_heads:  # query head h reads KV head h // group
+            group = self.n_heads // self.n_kv_heads
+            k_all, v_all = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         y = F.scaled_dot_product_attention(
             q,
-            k,
-            v,
+            k_all,
+            v_all,
             attn_mask=mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=is_causal,
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: [B, T, C]
-        return self.resid_dropout(self.out(y)), (k, v)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble heads: [B, T, H * hd]
+        return self.resid_dropout(self.out(y)), (k, v)  # the cache keeps the KV heads only
 
 
 class SwiGLU(nn.Module):
@@ -257,17 +301,34 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layers)])
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.head.weight = self.tok_emb.weight  # tied input/output embeddings
-        banned = torch.zeros(config.vocab_size, dtype=torch.bool)
-        if config.mask_id is not None:
-            banned[config.mask_id] = True
-        self.register_buffer("banned", banned, persistent=False)  # [V] logits forced to -inf
+        if config.tie_embeddings:
+            self.head.weight = self.tok_emb.weight  # tied input/output embeddings
+        self.register_buffer("banned", self._banned(), persistent=False)  # [V] logits -> -inf
 
+        if self.tok_emb.weight.is_meta:  # built to be loaded into (models/hf_checkpoint.py)
+            return
         self.apply(self._init_weights)
         # GPT-2 style: shrink the projections that write into the residual stream with depth
         for name, p in self.named_parameters():
             if name.endswith("attn.out.weight") or name.endswith("mlp.down.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    def _banned(self, device: torch.device | str | None = None) -> Tensor:
+        banned = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)
+        if self.config.mask_id is not None:
+            banned[self.config.mask_id] = True
+        return banned
+
+    def materialize_buffers(self, device: torch.device | str) -> Denoiser:
+        """Rebuild the derived (never stored) buffers on `device` and re-tie the head: for a
+        model built on the meta device whose weights were then assigned tensor by tensor
+        (models/hf_checkpoint.py), so the weights exist once, on their device."""
+        c = self.config
+        self.rope = Rotary(c.head_dim, c.max_seq_len, c.rope_theta).to(device)
+        self.banned = self._banned(device)
+        if c.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        return self
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -277,7 +338,10 @@ class Denoiser(nn.Module):
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; the tied embedding matrix is counted once."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.tok_emb.weight.numel() if exclude_embeddings else n
+        if not exclude_embeddings:
+            return n
+        untied = 0 if self.config.tie_embeddings else self.head.weight.numel()
+        return n - self.tok_emb.weight.numel() - untied
 
     def describe(self) -> str:
         c = self.config
@@ -286,13 +350,18 @@ class Denoiser(nn.Module):
             "full": "bidirectional masked-diffusion denoiser",
             "block_causal": f"block-diffusion denoiser, block-causal attention, block {c.block_size}",
         }[c.attention] + (", token shift" if c.token_shift else "")
+        kv = f", {c.n_kv_heads} KV heads" if c.n_kv_heads != c.n_heads else ""
+        extras = "".join(
+            f", {name}" for name, on in (("q/k/v bias", c.qkv_bias), ("q/k norm", c.qk_norm),
+                                         ("output shift", c.output_shift)) if on
+        )  # fmt: skip
         return (
             f"Denoiser ({kind}): {self.num_parameters() / 1e6:.2f}M parameters "
             f"({self.num_parameters(exclude_embeddings=True) / 1e6:.2f}M without embeddings)\n"
             f"  vocab {c.vocab_size}, d_model {c.d_model}, {c.n_layers} layers x {c.n_heads} heads "
-            f"(head dim {c.head_dim}), SwiGLU hidden {c.mlp_hidden}\n"
+            f"(head dim {c.head_dim}{kv}), SwiGLU hidden {c.mlp_hidden}{extras}\n"
             f"  max_seq_len {c.max_seq_len}, RoPE theta {c.rope_theta:g}, dropout {c.dropout:g}, "
-            f"tied embeddings, mask_id {c.mask_id}"
+            f"{'tied' if c.tie_embeddings else 'untied'} embeddings, mask_id {c.mask_id}"
         )
 
     def forward(
@@ -360,11 +429,19 @@ class Denoiser(nn.Module):
             mask, is_causal = self._attention_mask(pad_mask, past, pos)
         cos, sin = self.rope(pos)
 
+        if self.config.output_shift and past is not None:
+            raise InvalidArgument(
+                "this model's logits are shifted by one inside the network (Dream-style); it "
+                "needs the whole canvas in every forward pass: use_cache must be 'none'",
+                field="use_cache",
+            )
         x = self.drop(self.tok_emb(ids))  # [B, T, d]
         new_layers = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, cos, sin, mask, is_causal, past.layers[i] if past else None)
             new_layers.append(kv)
+        if self.config.output_shift:  # position i reads the output at i - 1 (0 keeps its own)
+            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
         if out_index is not None:
             x = x.gather(1, out_index[:, :, None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
         logits = self.head(self.norm(x))  # [B, T or K, V]

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from unmask.engine.request import GenerationRequest
 from unmask.engine.result import GenerationResult
 from unmask.errors import NotFound
-from unmask.service.dispatch import Dispatcher, ModelInfo
+from unmask.service.dispatch import MODALITIES, Dispatcher, ModelInfo
 from unmask.settings import Settings
 from unmask.workers.client import JobQueue
 from unmask.workers.protocol import (
@@ -151,6 +151,7 @@ class CeleryDispatcher(Dispatcher):
         out = []
         for name in names:
             workers = live.get(name, [])
+            details = next((w["details"] for w in workers if w.get("details")), {})
             queued = await self._call(self.queue.queue_length, name)
             out.append(
                 ModelInfo(
@@ -159,7 +160,11 @@ class CeleryDispatcher(Dispatcher):
                     dispatcher=self.kind,
                     live_workers=len(workers),
                     queue_length=int(queued),
-                    extra={"devices": sorted({str(w.get("device")) for w in workers})},
+                    modalities=tuple(details.get("modalities") or MODALITIES),
+                    extra={
+                        "devices": sorted({str(w.get("device")) for w in workers}),
+                        "details": details,
+                    },
                 )  # fmt: skip
             )
         return out

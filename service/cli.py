@@ -38,6 +38,18 @@ def add_client_args(p: argparse.ArgumentParser, *, required_server: bool = False
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
 
 
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16"),
+                   help="in-process: the weights' dtype; auto = bf16 where native "
+                        "(env UNMASK_DTYPE)")  # fmt: skip
+
+
+def apply_dtype_arg(args: argparse.Namespace) -> None:
+    """--dtype sets UNMASK_DTYPE, which every model load reads (models/checkpoint.py)."""
+    if getattr(args, "dtype", None):
+        os.environ["UNMASK_DTYPE"] = args.dtype
+
+
 def add_stream_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true",
                    help="show the canvas being denoised, step by step (stderr)")  # fmt: skip
@@ -62,6 +74,7 @@ def run(msg: Any, args: argparse.Namespace) -> Any:
     """A GenerateRequest through the server (--server) or an in-process LocalDispatcher."""
     from unmask.service.live_view import CanvasView
 
+    apply_dtype_arg(args)
     modality = {1: "text", 2: "code", 3: "midi"}.get(msg.modality, "text")
     view = CanvasView(modality) if getattr(args, "stream", False) else None
     if args.server:
@@ -190,10 +203,17 @@ def _model_name(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from unmask.client import generate_request
+    from unmask.client import chat_request, generate_request
     from unmask.errors import InvalidArgument
 
     check_writable(args.out)
+    if args.chat is not None:
+        if args.prompt or args.prompt_file or args.prompt_midi:
+            raise InvalidArgument("--chat replaces the prompt", field="--chat")
+        messages = ([("system", args.system)] if args.system else []) + [("user", args.chat)]
+        msg = chat_request(messages, modality=args.modality, model=_model_name(args),
+                           params=_params(args), stop=args.stop)  # fmt: skip
+        return emit(run(msg, args), args)
     if args.prompt_file:
         prompt: str | bytes = read_input(args.prompt_file, "--prompt-file")
     elif args.prompt_midi:
@@ -270,6 +290,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from unmask.service.server import serve
     from unmask.settings import Settings
 
+    apply_dtype_arg(args)
     settings = Settings.from_env()
     tokens = tuple(args.auth_token) if args.auth_token else None
     settings = settings.with_overrides(
@@ -433,6 +454,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="model directory (default: the shipped one); with --server: the model's name",
     )  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    add_dtype_arg(p)
     p.add_argument("--out", default=None, help="write the output to FILE (MIDI: required)")
     p.add_argument("--json", action="store_true", help="print output and usage as JSON")
     add_client_args(p)
@@ -445,6 +467,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="", help="text or code prompt")
     p.add_argument("--prompt-file", default=None, help="read the prompt from a file")
     p.add_argument("--prompt-midi", default=None, help="a .mid file to continue (midi)")
+    p.add_argument("--chat", default=None,
+                   help="a user message, answered with the model's own chat template "
+                        "(public checkpoints: LLaDA, Dream, SDAR, ...)")  # fmt: skip
+    p.add_argument("--system", default=None, help="with --chat: a system message first")
     p.add_argument("--stop", action="append", default=[],
                    help="end the output before this string (repeatable; text and code)")  # fmt: skip
     _common(p)
@@ -471,6 +497,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model directory, embedded (env UNMASK_MODEL)")
     p.add_argument("--model-name", default=None, help="model name (env UNMASK_MODEL_NAME)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (env UNMASK_DEVICE)")
+    add_dtype_arg(p)
     p.add_argument("--auth-token", action="append", default=None,
                    help="accept this bearer token (repeatable; env UNMASK_AUTH_TOKENS)")  # fmt: skip
     p.add_argument("--tls-cert", default=None, help="PEM certificate (env UNMASK_TLS_CERT)")

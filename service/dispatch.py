@@ -193,6 +193,7 @@ class LocalDispatcher(Dispatcher):
             self._info = {
                 "max_seq_len": int(cfg.max_seq_len),
                 "architecture": "autoregressive" if generator.is_ar else "diffusion",
+                "details": model_details(generator),
             }
             observer = None
             if settings.metrics_port:  # the Engine's numbers on the front end's /metrics
@@ -303,6 +304,7 @@ class LocalDispatcher(Dispatcher):
         engine = self._engine
         # not ready (health NOT_SERVING) while the Engine's watchdog restarts its dead loop
         ready = engine is not None and engine.healthy
+        details = self._info.get("details") or {}
         return [
             ModelInfo(
                 name=self.default_model, ready=ready, dispatcher=self.kind,
@@ -310,8 +312,17 @@ class LocalDispatcher(Dispatcher):
                 queue_length=engine.load if engine is not None else 0,
                 max_seq_len=self._info.get("max_seq_len", 0),
                 architecture=self._info.get("architecture", ""),
+                modalities=tuple(details.get("modalities") or MODALITIES),
+                extra={"details": details},
             )
         ]  # fmt: skip
+
+
+def model_details(generator: Any) -> dict[str, Any]:
+    """What ListModels / GetModel say about a loaded model (`Generator.describe`); {} for a
+    stand-in generator without one (tests)."""
+    describe = getattr(generator, "describe", None)
+    return dict(describe()) if callable(describe) else {}
 
 
 def make_dispatcher(settings: Settings, generator: Any = None) -> Dispatcher:

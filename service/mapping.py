@@ -127,6 +127,10 @@ def generation_request(
     kwargs.update(stop=tuple(msg.stop), return_tokens=msg.return_tokens)
     if source == "prompt":
         kwargs["prompt"] = msg.prompt
+    elif source == "chat":
+        if not msg.chat.messages:
+            raise InvalidArgument("needs at least one message", field="chat.messages")
+        kwargs["chat"] = tuple((m.role, m.content) for m in msg.chat.messages)
     elif source == "midi":
         if not msg.midi:
             raise InvalidArgument("is empty: send a MIDI file, or use midi_settings", field="midi")

@@ -152,7 +152,15 @@ def _model_proto(m: ModelInfo) -> pb.Model:
         name=m.name, ready=m.ready, dispatcher=m.dispatcher, live_workers=m.live_workers,
         queue_length=m.queue_length, max_seq_len=m.max_seq_len, architecture=m.architecture,
         modalities=[mapping.MODALITY_TO_PROTO[x] for x in m.modalities],
+        **_model_details(m.extra.get("details") or {}),
     )  # fmt: skip
+
+
+def _model_details(d: dict[str, Any]) -> dict[str, Any]:
+    """The loaded model's description (service/dispatch.py `model_details`) → Model fields."""
+    kinds = {"family": str, "parameters": int, "dtype": str, "mask_id": int, "attention": str,
+             "block_size": int, "content_hash": str}  # fmt: skip
+    return {k: kind(d[k]) for k, kind in kinds.items() if d.get(k) is not None}
 
 
 class UnmaskServicer(pb_grpc.UnmaskServicer):

@@ -22,6 +22,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--model-name", default=None, help="name clients ask for = queue (env UNMASK_MODEL_NAME)"
     )
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (env UNMASK_DEVICE)")
+    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16"),
+                   help="weights' dtype; auto = bf16 where native (env UNMASK_DTYPE)")  # fmt: skip
     p.add_argument(
         "--concurrency",
         type=int,
@@ -42,6 +44,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from unmask.errors import InvalidArgument
     from unmask.settings import Settings
 
+    if args.dtype:  # read where the model loads (models/checkpoint.py inference_dtype)
+        os.environ["UNMASK_DTYPE"] = args.dtype
     settings = Settings.from_env().with_overrides(
         broker_url=args.broker,
         model=args.model,

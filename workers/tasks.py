@@ -142,6 +142,7 @@ class _WorkerState:
         self.engine_pid = 0
         self.device = ""
         self.load_seconds = 0.0  # how long loading the model took
+        self.details: dict[str, Any] = {}  # the model's description (ListModels), heartbeat
         self.exporter: Any = None  # /metrics (settings.metrics_port), one per process
         self.exporter_pid = 0
         self.redis: redis.Redis | None = None
@@ -211,6 +212,7 @@ def get_engine() -> Engine:
             device = _resolve_device(s.device)
             t0 = time.perf_counter()
             generator = Generator.load(s.model or None, device=device)
+            _state.details = generator.describe()  # ListModels, via the heartbeat
             engine = Engine(
                 generator,
                 max_batch=s.max_batch,
@@ -339,6 +341,7 @@ def _heartbeat_info() -> dict[str, Any]:
         "model_name": s.model_name,
         "model": s.model,
         "device": _state.device or s.device,
+        "details": _state.details,
         "concurrency": s.worker_concurrency,
         "max_batch": s.max_batch,
         "load": engine.load if engine is not None else 0,

@@ -113,6 +113,13 @@ class ModelCard:
     max_seq_len: int
     architecture: str
     modalities: list[str]
+    family: str = ""  # unmask | llada | dream | fast_dllm_v2 | sdar
+    parameters: int = 0
+    dtype: str = ""
+    mask_id: int = 0
+    attention: str = ""  # full | block_causal | causal
+    block_size: int = 0
+    content_hash: str = ""
 
 
 def _usage(u: pb.Usage) -> dict[str, Any]:
@@ -178,7 +185,9 @@ def item_from_proto(r: pb.BatchItemResult) -> dict[str, Any]:
 
 def model_from_proto(m: pb.Model) -> ModelCard:
     return ModelCard(m.name, m.ready, m.dispatcher, m.live_workers, m.queue_length, m.max_seq_len,
-                     m.architecture, [_MODALITY_NAME.get(x, "") for x in m.modalities])  # fmt: skip
+                     m.architecture, [_MODALITY_NAME.get(x, "") for x in m.modalities],
+                     m.family, m.parameters, m.dtype, m.mask_id, m.attention, m.block_size,
+                     m.content_hash)  # fmt: skip
 
 
 # ---- requests ------------------------------------------------------------------------------
@@ -239,6 +248,19 @@ def generate_request(prompt: str | bytes = "", *, modality: str = "text", model:
     else:
         msg.prompt = prompt
     return msg
+
+
+def chat_request(messages: Iterable[tuple[str, str] | dict[str, str]], *, modality: str = "text",
+                 model: str = "", params: Any = None, stop: Iterable[str] = (),
+                 return_tokens: bool = False, **knobs: Any) -> pb.GenerateRequest:  # fmt: skip
+    """A conversation, (role, content) pairs or {"role", "content"} dicts, for a model with a
+    chat template; the answer is the assistant's next turn."""
+    msgs = [pb.ChatMessage(role=m["role"], content=m["content"]) if isinstance(m, dict)
+            else pb.ChatMessage(role=m[0], content=m[1]) for m in messages]  # fmt: skip
+    return pb.GenerateRequest(
+        model=model, modality=_modality(modality), params=sampler_params(params, **knobs),
+        chat=pb.Chat(messages=msgs), stop=list(stop), return_tokens=return_tokens,
+    )  # fmt: skip
 
 
 def infill_request(template: str | Iterable[str | int], *, modality: str = "text",
@@ -468,6 +490,11 @@ class Client:
     def infill(self, template: str | Iterable[str | int], *, modality: str = "text",
                model: str = "", timeout: float | None = None, **knobs: Any) -> Generation:  # fmt: skip
         return self.run(infill_request(template, modality=modality, model=model, **knobs), timeout)
+
+    def chat(self, messages: Iterable[tuple[str, str] | dict[str, str]], *, model: str = "",
+             timeout: float | None = None, **knobs: Any) -> Generation:  # fmt: skip
+        """The assistant's answer, with the model's own chat template (public checkpoints)."""
+        return self.run(chat_request(messages, model=model, **knobs), timeout)
 
     def midi(self, midi: bytes | str | Path | None = None, *, timeout: float | None = None,
              **kwargs: Any) -> Generation:  # fmt: skip

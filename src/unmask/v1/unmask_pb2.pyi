@@ -116,8 +116,22 @@ class MidiSettings(_message.Message):
     bars: int
     def __init__(self, time_signature: _Optional[str] = ..., tempo: _Optional[float] = ..., programs: _Optional[_Iterable[int]] = ..., voices: _Optional[int] = ..., bars: _Optional[int] = ...) -> None: ...
 
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class Chat(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "modality", "prompt", "midi", "infill", "midi_infill", "midi_settings", "params", "stop", "n", "return_tokens")
+    __slots__ = ("model", "modality", "prompt", "midi", "infill", "midi_infill", "midi_settings", "chat", "params", "stop", "n", "return_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +139,7 @@ class GenerateRequest(_message.Message):
     INFILL_FIELD_NUMBER: _ClassVar[int]
     MIDI_INFILL_FIELD_NUMBER: _ClassVar[int]
     MIDI_SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
@@ -136,11 +151,12 @@ class GenerateRequest(_message.Message):
     infill: Infill
     midi_infill: MidiInfill
     midi_settings: MidiSettings
+    chat: Chat
     params: SamplerParams
     stop: _containers.RepeatedScalarFieldContainer[str]
     n: int
     return_tokens: bool
-    def __init__(self, model: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., prompt: _Optional[str] = ..., midi: _Optional[bytes] = ..., infill: _Optional[_Union[Infill, _Mapping]] = ..., midi_infill: _Optional[_Union[MidiInfill, _Mapping]] = ..., midi_settings: _Optional[_Union[MidiSettings, _Mapping]] = ..., params: _Optional[_Union[SamplerParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., n: _Optional[int] = ..., return_tokens: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., prompt: _Optional[str] = ..., midi: _Optional[bytes] = ..., infill: _Optional[_Union[Infill, _Mapping]] = ..., midi_infill: _Optional[_Union[MidiInfill, _Mapping]] = ..., midi_settings: _Optional[_Union[MidiSettings, _Mapping]] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., params: _Optional[_Union[SamplerParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., n: _Optional[int] = ..., return_tokens: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "generated_tokens", "nfe", "steps", "tokens_per_forward", "latency_s", "finish_reason", "reason")
@@ -362,7 +378,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "ready", "dispatcher", "live_workers", "queue_length", "max_seq_len", "architecture", "modalities")
+    __slots__ = ("name", "ready", "dispatcher", "live_workers", "queue_length", "max_seq_len", "architecture", "modalities", "family", "parameters", "dtype", "mask_id", "attention", "block_size", "content_hash")
     NAME_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     DISPATCHER_FIELD_NUMBER: _ClassVar[int]
@@ -371,6 +387,13 @@ class Model(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     name: str
     ready: bool
     dispatcher: str
@@ -379,4 +402,11 @@ class Model(_message.Message):
     max_seq_len: int
     architecture: str
     modalities: _containers.RepeatedScalarFieldContainer[Modality]
-    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., dispatcher: _Optional[str] = ..., live_workers: _Optional[int] = ..., queue_length: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., architecture: _Optional[str] = ..., modalities: _Optional[_Iterable[_Union[Modality, str]]] = ...) -> None: ...
+    family: str
+    parameters: int
+    dtype: str
+    mask_id: int
+    attention: str
+    block_size: int
+    content_hash: str
+    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., dispatcher: _Optional[str] = ..., live_workers: _Optional[int] = ..., queue_length: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., architecture: _Optional[str] = ..., modalities: _Optional[_Iterable[_Union[Modality, str]]] = ..., family: _Optional[str] = ..., parameters: _Optional[int] = ..., dtype: _Optional[str] = ..., mask_id: _Optional[int] = ..., attention: _Optional[str] = ..., block_size: _Optional[int] = ..., content_hash: _Optional[str] = ...) -> None: ...
