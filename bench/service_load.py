@@ -76,6 +76,46 @@ async def grpc_load(target: str, args: argparse.Namespace, concurrency: int) -> 
     return _summary(lat, errors, tokens, wall, concurrency)
 
 
+async def grpc_wave(target: str, n: int, timeout: float) -> dict[str, Any]:
+    """`n` requests at the model's defaults, all sent at t = 0 (a closed wave): wall time until
+    the last one is back, and content tokens (less the EOS that ended a request)."""
+    from unmask.client import AsyncClient
+
+    async with AsyncClient(target, timeout=timeout) as client:
+
+        async def one(i: int) -> tuple[float, int]:
+            prompt = PROMPTS[i % len(PROMPTS)]
+            t = time.perf_counter()
+            gen = await client.generate(prompt, modality="code" if "\n" in prompt else "text",
+                                        seed=i)  # fmt: skip
+            toks = int(gen.usage.get("generated_tokens", 0))
+            toks -= gen.usage.get("finish_reason") == "eos"
+            return time.perf_counter() - t, toks
+
+        t0 = time.perf_counter()
+        done = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), timeout)
+        wall = time.perf_counter() - t0
+    lat = [x for x, _ in done]
+    tokens = sum(k for _, k in done)
+    return {"requests": n, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+            **percentiles(lat)}  # fmt: skip
+
+
+def waves(target: str, args: argparse.Namespace, log=print) -> dict[str, Any]:
+    """Concurrency 1 (median of 3 single requests), then waves of 8 and 32 at once."""
+    asyncio.run(grpc_wave(target, 2, args.time_limit))  # warm-up (model load, first steps)
+    singles = sorted((asyncio.run(grpc_wave(target, 1, args.time_limit)) for _ in range(3)),
+                     key=lambda r: r["wall_s"])  # fmt: skip
+    out: dict[str, Any] = {"c1": singles[1]}
+    for n in (8, 32):
+        out[f"c{n}"] = asyncio.run(grpc_wave(target, n, args.time_limit))
+        log(f"wave c{n}: {out[f'c{n}']}")
+    one = out["c1"]
+    out["wall_c8_over_c1"] = out["c8"]["wall_s"] / one["wall_s"]
+    out["tokens_per_s_c32_over_c1"] = out["c32"]["tokens_per_s"] / one["tokens_per_s"]
+    return out
+
+
 def inprocess_load(gen: Any, args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
     from unmask.engine.engine import SUCCEEDED, Engine
     from unmask.engine.request import GenerationRequest
@@ -150,7 +190,7 @@ def server(args: argparse.Namespace, env_extra: dict[str, str]):
 
 
 @contextmanager
-def redis_and_worker(args: argparse.Namespace):
+def redis_and_worker(args: argparse.Namespace, env_extra: dict[str, str] | None = None):
     tmp = Path(tempfile.mkdtemp(prefix="unmask-load-"))
     port = free_port()
     redis_proc = subprocess.Popen(
@@ -159,7 +199,8 @@ def redis_and_worker(args: argparse.Namespace):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
     env = {**os.environ, "UNMASK_BROKER_URL": url, "UNMASK_MODEL": args.model or "",
-           "UNMASK_DEVICE": "cpu", "OMP_NUM_THREADS": str(args.threads)}  # fmt: skip
+           "UNMASK_DEVICE": "cpu", "OMP_NUM_THREADS": str(args.threads),
+           **(env_extra or {})}  # fmt: skip
     time.sleep(0.3)
     worker = subprocess.Popen([sys.executable, "-m", "unmask", "worker", "--concurrency", "32",
                                "--loglevel", "WARNING"], env=env,
@@ -187,6 +228,8 @@ def main(argv: list[str] | None = None, log=print) -> dict[str, Any]:
     ap.add_argument("--time-limit", type=float, default=600.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-celery", action="store_true")
+    ap.add_argument("--waves-only", action="store_true",
+                    help="only the gRPC -> Redis -> worker waves at the model's defaults")  # fmt: skip
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -196,8 +239,20 @@ def main(argv: list[str] | None = None, log=print) -> dict[str, Any]:
     from unmask.models.generation import Generator
 
     torch.set_num_threads(args.threads)
-    gen = Generator.load(args.model or None)
     report: dict[str, Any] = {"config": vars(args), "modes": {}}
+    if not args.no_celery:
+        # one worker, one Engine batching up to 32 jobs; the client sends only a seed, so every
+        # other knob is the model's default (gen_length 128, tokens_per_step ...)
+        extra = {"UNMASK_MAX_BATCH": "32"}
+        with redis_and_worker(args, extra) as url, server(args, {"UNMASK_BROKER_URL": url}) as tgt:
+            report["celery_waves"] = waves(tgt, args, log)
+        w = report["celery_waves"]
+        log(f"gRPC -> Redis -> worker: c8 wall / c1 wall = {w['wall_c8_over_c1']:.2f}, "
+            f"c32 tok/s / c1 tok/s = {w['tokens_per_s_c32_over_c1']:.2f}")  # fmt: skip
+    if args.waves_only:
+        _write(report, args, log)
+        return report
+    gen = Generator.load(args.model or None)
     report["modes"]["in-process"] = [inprocess_load(gen, args, c) for c in levels]
     log(f"in-process: {report['modes']['in-process']}")
     del gen
@@ -219,11 +274,19 @@ def main(argv: list[str] | None = None, log=print) -> dict[str, Any]:
     report["grpc_local_added_p50_ms_c1"] = (
         report["modes"]["grpc-local"][0]["p50_ms"] - report["modes"]["in-process"][0]["p50_ms"]
     )
+    _write(report, args, log)
+    return report
+
+
+def _write(report: dict[str, Any], args: argparse.Namespace, log) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import machine_info
+
+    report["machine"] = machine_info(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "service_load.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {out / 'service_load.json'}")
-    return report
 
 
 if __name__ == "__main__":

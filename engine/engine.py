@@ -4,7 +4,9 @@ Loop: admit queued jobs (up to `max_batch`) → retire cancelled / expired ones 
 denoising step for every active diffusion job as one batched forward pass (windows padded, the
 padding masked both ways) → let each job's sampler commit/remask → publish events → retire
 finished jobs. Jobs join and leave between steps (continuous batching at the step level).
-The autoregressive baseline has no canvas to batch; its jobs run one at a time in the loop.
+The autoregressive baseline's jobs batch the same way: their prefill and then one token per
+step each, against their own KV caches, in the same forward (`ARState`), so diffusion and AR are
+compared at the same batch sizes.
 
 One bad job never takes the others down: every job's part of a turn (admission, its cancel
 check, its step, its retirement) runs in its own `try`, and when the batched forward pass fails
@@ -36,14 +38,18 @@ from unmask.engine.request import GenerationRequest
 from unmask.engine.result import CANCELLED, DEADLINE, FAILED, SUCCEEDED, GenerationResult
 from unmask.errors import Cancelled, DeadlineExceeded, NotReady, QueueFull, UnmaskError, error_dict
 from unmask.models.block_sampler import new_state
-from unmask.models.generation import Generation, Generator, Prepared
+from unmask.models.generation import Generation, Generator, Prepared, ar_params
 from unmask.models.network import KVCache
 from unmask.models.sampler import (
+    ARState,
+    CacheCollator,
+    Draw,
     SamplerState,
     StepEvent,
     StepInputs,
     collate_inputs,
     run_batch,
+    sample_draws,
     split_outputs,
 )
 from unmask.tokenizers.specials import NUM_SPECIAL
@@ -121,7 +127,7 @@ class JobHandle:
 class _Active:
     handle: JobHandle
     job: Prepared
-    state: SamplerState | None  # None: an AR job, run whole
+    state: SamplerState | ARState
     started: float
     should_cancel: Callable[[], bool] | None = None
     # position -> [position, id, confidence] of its committed token (return_tokens only)
@@ -155,6 +161,7 @@ class Engine:
         self.restarts = 0  # loop threads the watchdog started
         self.forward_passes = 0  # forwards run (one per engine step, more when isolating)
         self.rows_run = 0  # job-steps executed (sum of batch sizes)
+        self._caches = CacheCollator()  # the batched KV past, kept between steps
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -296,8 +303,12 @@ class Engine:
 
     def _prepare(self, handle: JobHandle, should_cancel: Callable[[], bool] | None) -> _Active:
         job = self.generator.prepare(handle.request)
-        state = None
-        if job.canvas is not None:
+        state: SamplerState | ARState
+        if job.canvas is None:
+            assert job.ar_prompt is not None
+            state = ARState(job.ar_prompt, ar_params(job.params), self.generator.sampler_vocab,
+                            modality=job.modality, device=self._device)  # fmt: skip
+        else:
             state = new_state(
                 self.generator.model,
                 job.canvas,
@@ -328,26 +339,43 @@ class Engine:
 
     # ---- one step ----------------------------------------------------------------------------
     def _step(self) -> None:
-        ar_jobs = [a for a in self._active if a.state is None]
-        if ar_jobs:
-            self._run_ar(ar_jobs[0])  # the AR baseline: one whole job per loop turn
-        diffusion = [a for a in self._active if a.state is not None]
         ready: list[tuple[_Active, StepInputs]] = []
-        for a in diffusion:
+        for a in list(self._active):
             try:
-                ready.append((a, a.state.prepare_inputs()))  # type: ignore[union-attr]
+                ready.append((a, a.state.prepare_inputs()))
             except Exception as exc:
                 self._fail(a, exc, "step")
+        proposed: list[tuple[_Active, Draw]] = []
         for a, (logits, cache) in self._forward_isolated(ready):
-            if self._advance(a, logits, cache):
+            try:
+                proposed.append((a, a.state.propose(logits, cache)))
+            except Exception as exc:
+                self._fail(a, exc, "step")
+        for a, draw, sampled in self._sample_isolated(proposed):
+            if self._advance(a, draw, sampled):
                 self._retire_finished(a)
 
-    def _run_ar(self, a: _Active) -> None:
+    def _sample_isolated(
+        self, proposed: list[tuple[_Active, Draw]]
+    ) -> list[tuple[_Active, Draw, tuple[torch.Tensor, torch.Tensor]]]:
+        """Every job's tokens from one batched sampling (`sample_draws`); if it fails, each
+        job's alone, so only the culprits fail."""
+        if not proposed:
+            return []
         try:
-            gen = self.generator.run(a.job, on_step=lambda ev: _emit_step(a, ev))
-            self._succeed(a, gen)
-        except Exception as exc:
-            self._fail(a, exc, "step")
+            drawn = sample_draws([d for _, d in proposed])
+            return [(a, d, x) for (a, d), x in zip(proposed, drawn, strict=True)]
+        except Exception:
+            if len(proposed) > 1:
+                log.warning("batched sampling of %d jobs failed; sampling each alone",
+                            len(proposed), exc_info=True)  # fmt: skip
+        out = []
+        for a, d in proposed:
+            try:
+                out.append((a, d, sample_draws([d])[0]))
+            except Exception as exc:
+                self._fail(a, exc, "step")
+        return out
 
     def _forward_isolated(
         self, ready: list[tuple[_Active, StepInputs]]
@@ -376,7 +404,9 @@ class Engine:
     ) -> list[tuple[torch.Tensor, KVCache | None]]:
         """One forward pass over the jobs' windows → each job's (logits, cache)."""
         t0 = time.perf_counter()
-        batch = collate_inputs([inputs for _, inputs in ready], self.generator.vocab.pad_id)
+        pad_id = self.generator.vocab.pad_id
+        caches = self._caches if len(ready) > 1 else None  # a lone job's cache is used as is
+        batch = collate_inputs([inputs for _, inputs in ready], pad_id, caches)
         logits, cache = run_batch(self.generator.model, batch)
         outputs = split_outputs(batch, logits, cache)
         self.forward_passes += 1
@@ -384,14 +414,13 @@ class Engine:
         self._observe("forward", len(ready), time.perf_counter() - t0)
         return outputs
 
-    def _advance(self, a: _Active, logits: torch.Tensor, cache: KVCache | None) -> bool:
-        """Apply the job's step and publish it; True when the job has finished."""
+    def _advance(self, a: _Active, draw: Draw, sampled: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        """Finish the job's step with its sampled tokens and publish it; True when it is done."""
         state = a.state
-        assert state is not None
         try:
             block_before = state.block
             block_pos = state.blocks[block_before]
-            event = state.advance(logits, cache)
+            event = state.finish_step(draw, *sampled)
             self._observe("job_step", int(event.committed_positions.numel()))
             _emit_step(a, event)
             if state.done or state.block != block_before:
@@ -402,7 +431,6 @@ class Engine:
         return state.done
 
     def _retire_finished(self, a: _Active) -> None:
-        assert a.state is not None
         try:
             latency = time.perf_counter() - a.started
             self._succeed(a, self.generator.finish(a.job, a.state.result(), latency))
@@ -412,9 +440,12 @@ class Engine:
     # ---- outcomes --------------------------------------------------------------------------
     def _emit_block(self, a: _Active, index: int, positions: torch.Tensor) -> None:
         state = a.state
-        assert state is not None
-        ids = [i for i in state.ids[positions].tolist() if i >= NUM_SPECIAL]
         vocab = self.generator.vocab
+        if getattr(vocab, "public", False):  # a public checkpoint's tokenizer (tokenizers/hf.py)
+            ids = vocab.strip_specials(state.ids[positions].tolist())
+            a.handle._emit({"type": "block", "index": index, "text": vocab.decode(ids), "ids": ids})
+            return
+        ids = [i for i in state.ids[positions].tolist() if i >= NUM_SPECIAL]
         if a.job.modality == "midi":
             text = " ".join(vocab.token_str(i) for i in ids)
         else:
@@ -448,7 +479,7 @@ class Engine:
              params=None, tokens=None) -> None:  # fmt: skip
         if a in self._active:  # first: a job that cannot be resolved must not stay active
             self._active.remove(a)
-        if usage is None and a.state is not None:
+        if usage is None:
             usage = {"nfe": a.state.nfe, "steps": a.state.step, "finish_reason": status,
                      "latency_s": round(time.perf_counter() - a.started, 4)}  # fmt: skip
         self._resolve(a.handle, GenerationResult(a.handle.job_id, status, text, midi, usage or {},

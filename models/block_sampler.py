@@ -37,6 +37,7 @@ from unmask.models.block_diffusion import gap_runs, infill_order
 from unmask.models.canvas import Canvas, Fixed, Masked, Segment
 from unmask.models.network import KVCache
 from unmask.models.sampler import (
+    Draw,
     SampleResult,
     SamplerState,
     SamplerVocab,
@@ -156,30 +157,34 @@ class BlockCausalState(SamplerState):
             raise InvalidArgument("the job has finished", field="state")
         lo, hi = self.block_bounds()
         start = self.cache_len
-        if self.token_shift:
-            out_first = max(lo - 1, start)  # outputs at lo-1 .. hi-2 predict lo .. hi-1
-            out_len = max(hi - 1 - out_first, 1)
+        # the vocabulary head runs only where a prediction is read: the block's open positions
+        # (all of the block while remasking may re-open committed ones)
+        if self.remask_left > 0:
+            need = torch.arange(lo, hi, device=self.device)
         else:
-            out_first, out_len = lo, hi - lo
+            need = lo + self.masked[lo:hi].nonzero().flatten()
+        # token shift: position j is predicted by the output at j - 1; the block start's
+        # prediction (output lo - 1, a finished block) is only in the block's first window
+        src = need - 1 if self.token_shift else need
+        src = src[src >= start]
         rope = self.rope_positions
         inputs = StepInputs(
             self.ids[None, start:hi],
             start,
             self.cache,
             use_cache=start < lo,  # finished blocks in the window: cache them now
-            out_offset=out_first - start,
-            out_len=out_len,
             positions=rope[None, start:hi] if rope is not None else None,
+            out_positions=src - start,
         )
-        self._window = (lo, hi, out_first)
+        self._window = (lo, hi, start)
         self._pending = inputs
         return inputs
 
-    def advance(self, logits: Tensor, cache: KVCache | None = None) -> StepEvent:
+    def propose(self, logits: Tensor, cache: KVCache | None = None) -> Draw:
         inputs, window = self._pending, self._window
-        if inputs is None or window is None:
+        if inputs is None or window is None or inputs.out_positions is None:
             raise InvalidArgument("call prepare_inputs() before advance()", field="state")
-        lo, hi, out_first = window
+        lo, hi, start = window
         logits = logits.reshape(-1, logits.shape[-1])[: inputs.n_out]
         if logits.shape[0] != inputs.n_out:
             raise InvalidArgument(
@@ -191,11 +196,16 @@ class BlockCausalState(SamplerState):
             # cache = past ++ window (positions 0..hi-1): keep the whole blocks before this one
             self.cache = kv_keep(cache, torch.arange(lo, device=self.device))
             self.cache_len = lo
+        predicted = inputs.out_positions + start + int(self.token_shift)  # canvas positions
+        # the parent's step reads logits [hi - lo, V] by canvas position; rows it never reads
+        # (committed positions, when nothing can be re-opened) stay zero
+        block_logits = logits.new_zeros(hi - lo, logits.shape[-1])
+        block_logits[predicted - lo] = logits
         if self.token_shift:
-            if out_first == lo - 1:  # this forward saw the previous block's last position
-                self.first_logits = logits[0]
-                block_logits = logits[: hi - lo]
-            else:
+            at_lo = (predicted == lo).nonzero().flatten()
+            if at_lo.numel():  # this forward saw the previous block's last position
+                self.first_logits = logits[int(at_lo[0])]
+            elif bool(self.masked[lo]) or self.remask_left > 0:
                 first = self.first_logits
                 if first is None:
                     if lo != 0 or not self.layout.fixed[0]:
@@ -203,15 +213,16 @@ class BlockCausalState(SamplerState):
                             "no prediction kept for the block start", field="state"
                         )
                     first = torch.zeros_like(logits[0])  # position 0 (BOS) is never predicted
-                block_logits = torch.cat([first[None], logits[: hi - lo - 1]])
-        else:
-            block_logits = logits[: hi - lo]
+                block_logits[0] = first
         # the parent's step reads logits of canvas positions [lo, hi) from a window starting at lo
         self._pending = StepInputs(
             self.ids[None, lo:hi], lo, None, use_cache=False, out_len=hi - lo
         )
         self._window = None
-        event = super().advance(block_logits)
+        return super().propose(block_logits)
+
+    def finish_step(self, draw: Draw, tokens: Tensor, conf: Tensor) -> StepEvent:
+        event = super().finish_step(draw, tokens, conf)
         if self.rope_positions is None:
             return event
         at = self.rope_positions  # events speak of canvas positions, not slots

@@ -89,23 +89,88 @@ def save(
     return directory
 
 
+def is_public(directory: str | Path) -> bool:
+    """A public (Hugging Face layout) checkpoint, loaded by models/hf_checkpoint.py."""
+    from unmask.models.hf_checkpoint import is_hf_checkpoint
+
+    return is_hf_checkpoint(directory)
+
+
 def _default_vocab_loader(path: Path) -> Any:
     from unmask.tokenizers.vocab import UnifiedVocab  # late: the tokenizers pull in miditok
 
     return UnifiedVocab.load(path)
 
 
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
+_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo: native bf16 dot products
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The CPU's native bf16 instruction sets (AMX-BF16, AVX512-BF16) named in /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return [f for f in _BF16_CPU_FLAGS if f in flags]
+
+
+def inference_dtype(
+    device: str | torch.device = "cpu", requested: str = "auto", cpuinfo: str | None = None
+) -> torch.dtype:
+    """The dtype to run a model in: `requested`, or for "auto" bf16 where the hardware has it
+    natively (a CUDA GPU with bf16 support; a CPU with AMX-BF16 or AVX512-BF16) and fp32
+    elsewhere (emulated bf16 matmuls are slower than fp32). The override `UNMASK_DTYPE` (auto,
+    float32, bfloat16) wins over "auto". bf16 does not give fp32's tokens: runs that must match
+    bit for bit (greedy references, tests) ask for float32."""
+    if requested == "auto":
+        requested = os.environ.get("UNMASK_DTYPE", "auto") or "auto"
+    if requested not in INFERENCE_DTYPES:
+        raise InvalidArgument(
+            f"must be one of {', '.join(INFERENCE_DTYPES)}", field="dtype", value=requested
+        )
+    if requested != "auto":
+        return _DTYPES[requested]
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if dev.type == "cpu" and cpu_bf16_flags(cpuinfo):
+        return torch.bfloat16
+    return torch.float32
+
+
+def cast_weights(model: Denoiser, dtype: torch.dtype) -> Denoiser:
+    """Parameters in `dtype`; buffers (RoPE angles, the banned-id mask) stay as they are, so
+    positions keep fp32 angles. RMSNorm and RoPE compute in fp32 either way."""
+    for param in model.parameters():  # a tied matrix is one parameter: cast once, still tied
+        param.data = param.data.to(dtype)
+    return model
+
+
 def load(
     directory: str | Path,
     device: str | torch.device = "cpu",
     vocab_loader: Callable[[Path], Any] | None = None,
+    dtype: str = "float32",
 ) -> tuple[Denoiser, Any, dict]:
     """Read a model directory -> (model in eval mode on `device`, vocab, config.json as a dict).
 
+    `dtype`: the weights' dtype for inference, "float32" (default: training, evaluation), or
+    "auto" / "bfloat16" (`inference_dtype`); the model's `inference_dtype` attribute says which.
     Raises CheckpointError for missing or inconsistent files and VocabMismatch when the tokenizer
     files in the directory are not the ones the model was trained with.
     """
+    run_dtype = inference_dtype(device, dtype) if dtype != "float32" else torch.float32
     directory = Path(directory)
+    if vocab_loader is None and is_public(directory):  # LLaDA, Dream, SDAR, ... (its tokenizer)
+        from unmask.models.hf_checkpoint import load_hf
+
+        return load_hf(directory, device=device, dtype=dtype)  # type: ignore[return-value]
     for name in (WEIGHTS, CONFIG, VOCAB_DIR):
         if not (directory / name).exists():
             raise CheckpointError(
@@ -156,6 +221,8 @@ def load(
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"weights do not fit the config: {exc}", field="weights") from exc
+    model = cast_weights(model.to(device), run_dtype) if run_dtype != torch.float32 else model
+    model.inference_dtype = str(run_dtype).removeprefix("torch.")
     return model.to(device).eval(), vocab, config
 
 

@@ -17,9 +17,11 @@ document without tokens falls back to the default MIDI start). Generation i uses
   * `unigram_entropy_bits`: mean over generations of the entropy (bits) of the unigram
     distribution of the generated content ids (specials dropped, cut at the first EOS);
   * `nfe`, `tokens_per_forward`, `latency_s`: means; `tokens_per_s` = generated / total latency.
-  * code: `parse_rate` = share whose text (prompt + generation) parses with `ast.parse`;
+  * code: `parse_rate` = share whose text (prompt + generation) parses with `ast.parse` AND
+    whose generation holds code (`quality.adds_code`: a blank, comment-only or docstring-only
+    completion leaves a parsing prompt parsing, and counts as a failure);
     `parse_rate_trimmed` = share whose longest prefix of complete lines that parses reaches past
-    the prompt into at least one non-blank generated line (a line is complete when a newline ends
+    the prompt into generated code (the same test; a line is complete when a newline ends
     it, or it is the last line and the model stopped with EOS; the cut-off last line of a
     length-limited generation is not), and `parsed_char_share` = mean share of the generated
     characters inside that prefix.
@@ -495,9 +497,10 @@ def _samples(
             texts.append(full)
             if modality != "code":
                 continue
-            ok += parses(full)
+            # a blank or docstring-only completion leaves a parsing prompt parsing: not code
+            ok += parses(full) and q.adds_code(head, full[len(head) :])
             kept = parsing_prefix(full, last_line_complete=g.finish_reason == "eos")
-            ok_trim += bool(full[len(head) : kept].strip())
+            ok_trim += q.adds_code(head, full[len(head) : kept])
             shares.append(max(0, kept - len(head)) / max(1, len(full) - len(head)))
         if modality == "text" and runs:
             generated_texts = [vocab.decode(c, "text") if c else "" for _, _, c in runs]
@@ -582,8 +585,13 @@ def _evaluate_model(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, An
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     model_dir = Path(cfg.model) if cfg.model else default_model_dir()
-    gen = _EvalGenerator.load(model_dir, device=str(device))
-    ar_gen = _EvalGenerator.load(cfg.ar_model, device=str(device)) if cfg.ar_model else None
+    # fp32: the gates measure the model, not a serving precision (bf16 changes the logits)
+    gen = _EvalGenerator.load(model_dir, device=str(device), dtype="float32")
+    ar_gen = (
+        _EvalGenerator.load(cfg.ar_model, device=str(device), dtype="float32")
+        if cfg.ar_model
+        else None
+    )
     if ar_gen is not None and ar_gen.vocab.content_hash != gen.vocab.content_hash:
         raise VocabMismatch(
             "the AR baseline and the model use different vocabularies",

@@ -121,11 +121,36 @@ class Generator:
         self.is_ar = bool(getattr(model.config, "causal", False))
 
     @classmethod
-    def load(cls, model_dir: str | Path | None = None, device: str = "cpu") -> Generator:
-        model, vocab, meta = checkpoint.load(
-            Path(model_dir) if model_dir else default_model_dir(), device=device
-        )
+    def load(
+        cls, model_dir: str | Path | None = None, device: str = "cpu", dtype: str = "auto"
+    ) -> Generator:
+        """A model directory ready to serve. dtype "auto": bf16 where the hardware runs it
+        natively (AMX / AVX512-BF16 CPUs, CUDA), else fp32 (`checkpoint.inference_dtype`;
+        UNMASK_DTYPE overrides); "float32" for runs that must match fp32 token for token."""
+        path = Path(model_dir) if model_dir else default_model_dir()
+        if checkpoint.is_public(path):  # LLaDA, Dream, SDAR, ...: models/families/
+            from unmask.models.families.generator import PublicGenerator
+
+            return PublicGenerator.load(path, device=device, dtype=dtype)
+        model, vocab, meta = checkpoint.load(path, device=device, dtype=dtype)
         return cls(model, vocab, meta)
+
+    def describe(self) -> dict[str, Any]:
+        """What ListModels / GetModel report beyond name and readiness (plain JSON values; a
+        public checkpoint's Generator reports its family's facts: models/families/)."""
+        model, cfg = self.model, self.model.config
+        param = next(model.parameters(), None)
+        return {
+            "family": "unmask",
+            "architecture": "autoregressive" if self.is_ar else "diffusion",
+            "parameters": int(model.num_parameters()),
+            "dtype": str(param.dtype).removeprefix("torch.") if param is not None else "",
+            "mask_id": cfg.mask_id if cfg.mask_id is not None else -1,
+            "attention": cfg.attention,
+            "block_size": cfg.block_size if cfg.attention == "block_causal" else 0,
+            "modalities": ["text", "code", "midi"],
+            "content_hash": str(getattr(self.vocab, "content_hash", "")),
+        }
 
     def resolve(self, params: SamplerParams, modality: str) -> SamplerParams:
         """Fill the request's unset sampler fields from this model's per-modality defaults
@@ -182,6 +207,8 @@ class Generator:
     # ---- prepare: request -> canvas + how to decode -------------------------------------
     def prepare(self, request: Any) -> Prepared:
         """A `GenerationRequest` (engine/request.py) → a job the sampler (or Engine) can run."""
+        if getattr(request, "chat", None):  # public checkpoints only (models/families/)
+            raise InvalidArgument("this model has no chat template; send a prompt", field="chat")
         if request.kind == "infill":
             return self.prepare_infill(request.modality, request.segments, request.params)
         if request.kind == "midi_infill":

@@ -17,6 +17,7 @@ import ast
 import math
 import re
 import textwrap
+import tokenize
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -115,6 +116,43 @@ def function_with_body(header: str, completion: str) -> bool:
             continue
         fns = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
         return bool(fns) and _nontrivial(fns[0].body)
+    return False
+
+
+_FSTRING = tuple(
+    getattr(tokenize, n) for n in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END")
+    if hasattr(tokenize, n)
+)  # fmt: skip
+_NOT_CODE = frozenset(
+    (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+     tokenize.STRING, tokenize.ENDMARKER)
+)  # fmt: skip
+
+
+def adds_code(head: str, completion: str) -> bool:
+    """Whether `completion` (after `head`) holds code: a token that is not whitespace, a comment,
+    a string (a docstring), `pass` or `...`. A blank or docstring-only completion leaves a parsing
+    prompt parsing; it must not count as code that parses. Tokens that start in `head` (a string
+    the prompt opened) do not count; text the tokenizer cannot read is code (it may parse)."""
+    if not completion.strip():
+        return False
+    source = head + completion
+    lines = source.splitlines(keepends=True)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    try:
+        for tok in tokenize.generate_tokens(iter(lines).__next__):
+            row, col = tok.start
+            if row - 1 >= len(lines) or starts[row - 1] + col < len(head):
+                continue
+            if tok.type in _NOT_CODE or tok.string in ("pass", "...", "."):
+                continue
+            if tok.type in _FSTRING:  # Python 3.12+: an f-string's parts are strings too
+                continue
+            return True
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return True
     return False
 
 

@@ -7,8 +7,11 @@ One denoising step is a pipeline of small functions, each testable alone:
 `SamplerState` holds one job's canvas between steps and splits a step into `prepare_inputs()`
 (what to feed the model) and `advance(logits)` (everything after the forward), so an engine can
 run one batched forward for many jobs (`collate_inputs` -> `run_batch` -> `split_outputs`).
+`advance` is itself `propose` (constraints, per job) -> `sample_draws` (token sampling, which an
+engine runs once for all its jobs) -> `finish_step` (commit, remask, the step's event).
 `generate` is the single-job loop over that state;
-`generate_ar` is left-to-right decoding with a KV cache (prefill, then decode_one_token).
+`generate_ar` is left-to-right decoding with a KV cache (prefill, then decode_one_token), and
+`ARState` the same decoding one step at a time, so an engine batches AR jobs too.
 """
 
 from __future__ import annotations
@@ -241,6 +244,8 @@ class StepInputs:
     out_offset: int = 0  # logits are needed for window offsets [out_offset, out_offset + out_len)
     out_len: int | None = None  # None = the whole window
     positions: Tensor | None = None  # LongTensor [1, W]: RoPE positions of a reordered canvas
+    out_positions: Tensor | None = None  # LongTensor [K]: explicit window offsets (replaces
+    # out_offset/out_len): the vocabulary head runs on the positions still masked only
 
     @property
     def width(self) -> int:
@@ -248,9 +253,13 @@ class StepInputs:
 
     @property
     def n_out(self) -> int:
+        if self.out_positions is not None:
+            return int(self.out_positions.numel())
         return self.width - self.out_offset if self.out_len is None else self.out_len
 
     def out_index(self) -> Tensor:
+        if self.out_positions is not None:
+            return self.out_positions
         return torch.arange(self.out_offset, self.out_offset + self.n_out, device=self.ids.device)
 
 
@@ -284,9 +293,12 @@ class BatchInputs:
     positions: Tensor | None = None  # [B, W] RoPE positions (when a job's canvas is reordered)
 
 
-def collate_inputs(inputs: Sequence[StepInputs], pad_id: int) -> BatchInputs:
+def collate_inputs(
+    inputs: Sequence[StepInputs], pad_id: int, caches: CacheCollator | None = None
+) -> BatchInputs:
     """Stack jobs' windows (and caches) into one batch. Padded keys are never attended and RoPE
-    is in the cached keys, so each row's logits are those of its own unbatched forward."""
+    is in the cached keys, so each row's logits are those of its own unbatched forward.
+    `caches` (one per engine) reuses the batched past of the previous step where it can."""
     B, W = len(inputs), max(i.width for i in inputs)
     first = inputs[0].ids
     ids = torch.full((B, W), pad_id, dtype=torch.long, device=first.device)
@@ -313,7 +325,7 @@ def collate_inputs(inputs: Sequence[StepInputs], pad_id: int) -> BatchInputs:
         ids,
         pad_mask,
         start_pos,
-        _collate_caches([i.past for i in inputs]),
+        (caches or _collate_caches)([i.past for i in inputs]),
         any(i.use_cache for i in inputs),
         tuple(i.width for i in inputs),
         tuple(i.use_cache for i in inputs),
@@ -327,8 +339,19 @@ def _collate_caches(pasts: Sequence[KVCache | None]) -> KVCache | None:
     present = [p for p in pasts if p is not None]
     if not present:
         return None
+    if len(present) == len(pasts) == 1:  # one job: its own cache, no copy
+        return present[0]
     P = max(p.length for p in present)
     ref = present[0]
+    if len(present) == len(pasts) and all(p.length == P for p in present):  # no padding needed
+        layers = [
+            (
+                torch.cat([p.layers[li][0] for p in pasts]),
+                torch.cat([p.layers[li][1] for p in pasts]),
+            )
+            for li in range(len(ref.layers))
+        ]
+        return KVCache(layers, torch.cat([p.pad_mask for p in pasts]))
     pad = torch.zeros(len(pasts), P, dtype=torch.bool, device=ref.pad_mask.device)
     layers = []
     for li, (k_ref, v_ref) in enumerate(ref.layers):
@@ -343,6 +366,55 @@ def _collate_caches(pasts: Sequence[KVCache | None]) -> KVCache | None:
         if p is not None:
             pad[row, : p.length] = p.pad_mask[0]
     return KVCache(layers, pad)
+
+
+class CacheCollator:
+    """The batched past of the last step, kept for the next one. A diffusion job's cache only
+    changes when it finishes a block (every few steps), so most steps find every row's cache
+    unchanged and skip the copy (for 32 jobs: megabytes per step); rows whose cache changed are
+    rewritten in place when the batch keeps its rows and room; anything else rebuilds it."""
+
+    def __init__(self) -> None:
+        self._pasts: list[KVCache | None] = []  # the caches the batched past was built from
+        self._batched: KVCache | None = None
+        self._owned = False  # the batched tensors are ours (not a lone job's own cache)
+
+    def __call__(self, pasts: Sequence[KVCache | None]) -> KVCache | None:
+        old, batched = self._pasts, self._batched
+        same_rows = len(old) == len(pasts) and batched is not None
+        if same_rows and all(a is b for a, b in zip(old, pasts, strict=True)):
+            return batched
+        changed = [i for i, (a, b) in enumerate(zip(old, pasts, strict=False)) if a is not b]
+        if (
+            same_rows
+            and self._owned
+            and all(pasts[i] is not None and pasts[i].length <= batched.length for i in changed)
+            and len(changed) < len(pasts)
+        ):
+            assert batched is not None
+            for i in changed:
+                p = pasts[i]
+                assert p is not None
+                for (k, v), (pk, pv) in zip(batched.layers, p.layers, strict=True):
+                    k[i, :, : p.length] = pk[0]
+                    v[i, :, : p.length] = pv[0]
+                batched.pad_mask[i] = False
+                batched.pad_mask[i, : p.length] = p.pad_mask[0]
+            self._pasts = list(pasts)
+            return batched
+        batched = _collate_caches(pasts)
+        self._pasts, self._batched = list(pasts), batched
+        self._owned = batched is not None and not any(batched is p for p in pasts)
+        if (
+            batched is not None
+            and self._owned
+            and any(
+                p is not None and batched.layers[0][0].data_ptr() == p.layers[0][0].data_ptr()
+                for p in pasts
+            )
+        ):
+            self._owned = False  # shares storage with a job's cache: never write into it
+        return batched
 
 
 def run_batch(model: torch.nn.Module, batch: BatchInputs) -> tuple[Tensor, KVCache | None]:
@@ -374,7 +446,7 @@ def split_outputs(
             if batch.past is not None:
                 own = batch.past.pad_mask[row].nonzero().flatten().to(keep.device)
                 keep = torch.cat([own, keep])
-            row_cache = kv_keep(cache.select([row]), keep)
+            row_cache = kv_keep(cache if len(batch.widths) == 1 else cache.select([row]), keep)
         n = batch.n_out[row] if batch.n_out else width
         out.append((logits[row, :n], row_cache))
     return out
@@ -503,8 +575,62 @@ def filter_top_k(logits: Tensor, top_k: int) -> Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+TOP_P_BUCKETS = 256  # filter_top_p: log-probability buckets, TOP_P_BUCKET_NATS wide each
+TOP_P_BUCKET_NATS = 0.125
+TOP_P_BATCHED_CUT = 128  # cut buckets up to this size are resolved for all rows at once
+
+
 def filter_top_p(logits: Tensor, top_p: float) -> Tensor:
-    """Keep the smallest set of most likely ids whose probability reaches top_p (1.0 = all)."""
+    """Keep the smallest set of most likely ids whose probability reaches top_p (1.0 = all).
+
+    The same ids as sorting each row (`filter_top_p_sorted`), without sorting the vocabulary:
+    a small model's nucleus holds thousands of ids, and a stable sort of every row of every job
+    was the largest cost of a denoising step after the forward pass. The ids are bucketed by
+    log-probability below the row's best (`TOP_P_BUCKET_NATS` wide); the mass of each bucket
+    says which buckets lie wholly inside the nucleus or wholly outside; only the one bucket
+    the cut falls into is sorted."""
+    if top_p >= 1.0 or logits.shape[0] == 0:
+        return logits
+    N, V = logits.shape
+    probs = logits.softmax(dim=-1)
+    top = logits.max(dim=-1, keepdim=True).values
+    bucket = ((top - logits) / TOP_P_BUCKET_NATS).nan_to_num(posinf=TOP_P_BUCKETS)
+    bucket = bucket.floor().clamp(0, TOP_P_BUCKETS - 1).long()  # 0 = the most likely ids
+    rows = torch.arange(N, device=logits.device)[:, None] * TOP_P_BUCKETS
+    mass = torch.zeros(N * TOP_P_BUCKETS, dtype=probs.dtype, device=probs.device)
+    mass = mass.index_add_(0, (bucket + rows).flatten(), probs.flatten()).view(N, -1)
+    before = mass.cumsum(dim=-1) - mass  # probability of every more likely bucket
+    # the cut falls in the last bucket that starts below top_p
+    cut = (before < top_p).sum(dim=-1, keepdim=True) - 1  # [N, 1]
+    keep = bucket < cut
+    # the cut's bucket, all rows at once: its ids (lowest id first among equals, as a stable
+    # sort has them), most likely first, kept while the mass before them is below top_p
+    in_cut = bucket == cut
+    counts = in_cut.sum(dim=-1)
+    small = counts <= TOP_P_BATCHED_CUT  # rows resolved together; a flat row's big bucket alone
+    before_cut = before.gather(-1, cut)
+    if bool(small.any()):
+        rows_s = small.nonzero().flatten()
+        sub_cut, sub_probs = in_cut[rows_s], probs[rows_s]
+        k = int(counts[rows_s].max())
+        at = torch.where(sub_cut, sub_probs, -1.0).topk(k, dim=-1).indices.sort(dim=-1).values
+        p = torch.where(sub_cut.gather(-1, at), sub_probs.gather(-1, at), -1.0)
+        order = torch.sort(p, dim=-1, descending=True, stable=True).indices
+        at, p = at.gather(-1, order), p.gather(-1, order).clamp(min=0.0)
+        inside = (before_cut[rows_s] + p.cumsum(dim=-1) - p) < top_p
+        sub_keep = keep[rows_s]
+        sub_keep.scatter_(-1, at, sub_keep.gather(-1, at) | (inside & sub_cut.gather(-1, at)))
+        keep[rows_s] = sub_keep
+    for row in (~small).nonzero().flatten().tolist():
+        at = in_cut[row].nonzero().flatten()
+        order = torch.sort(probs[row, at], descending=True, stable=True).indices
+        p = probs[row, at[order]]
+        keep[row, at[order]] = (before_cut[row] + p.cumsum(dim=0) - p) < top_p
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def filter_top_p_sorted(logits: Tensor, top_p: float) -> Tensor:
+    """`filter_top_p` by a stable sort of each row (the reference it is tested against)."""
     if top_p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
@@ -559,6 +685,61 @@ def score_positions(logits: Tensor, tokens: Tensor, method: str = "probability")
     raise InvalidArgument(f"unknown position score {method!r}", field="position_score")
 
 
+@dataclass(frozen=True, eq=False)
+class Draw:
+    """One job's sampling for one step: constrained logits rows [N, V], its knobs, its own
+    seeded generator (so a job's tokens never depend on the jobs batched with it), and the
+    position score to report."""
+
+    logits: Tensor
+    temperature: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator | None
+    score: str = "probability"
+
+
+def sample_draws(draws: Sequence[Draw]) -> list[tuple[Tensor, Tensor]]:
+    """(tokens [N_i], confidence [N_i]) per draw; the same as `sample_tokens` and
+    `score_positions` draw by draw. Draws with the same knobs are filtered and scored as one
+    tensor (the per-call cost of a dozen small ops, paid once per step, not once per job);
+    each draw's Gumbel noise still comes from its own generator, in its own shape."""
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(draws)
+    groups: dict[tuple, list[int]] = {}
+    for i, d in enumerate(draws):
+        groups.setdefault((d.temperature, d.top_k, d.top_p), []).append(i)
+    for (temperature, top_k, top_p), idx in groups.items():
+        rows = [draws[i].logits for i in idx]
+        sizes = [int(r.shape[0]) for r in rows]
+        logits = torch.cat(rows) if len(rows) > 1 else rows[0]
+        if temperature == 0 or logits.shape[0] == 0:
+            tokens = sample_tokens(logits, 0.0) if temperature == 0 else logits.new_zeros(
+                0, dtype=torch.long)  # fmt: skip
+        else:
+            for i in idx:
+                if draws[i].generator is None:
+                    raise InvalidArgument("sampling at temperature > 0 needs a generator",
+                                          field="seed")  # fmt: skip
+            z = logits.double() / temperature
+            z = filter_top_p(filter_top_k(z, top_k), top_p)
+            noise = [gumbel_noise(tuple(draws[i].logits.shape), draws[i].generator)  # type: ignore[arg-type]
+                     for i in idx]  # fmt: skip
+            tokens = (z + torch.cat(noise).to(z.device)).argmax(dim=-1)
+        probs = None
+        start = 0
+        for i, n in zip(idx, sizes, strict=True):
+            tok = tokens[start : start + n]
+            if draws[i].score == "probability":
+                if probs is None:
+                    probs = logits.float().softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
+                conf = probs[start : start + n]
+            else:
+                conf = score_positions(draws[i].logits, tok, draws[i].score)
+            out[i] = (tok, conf)
+            start += n
+    return out  # type: ignore[return-value]
+
+
 def plan_block_steps(steps: int, block_sizes: list[int]) -> list[int]:
     """Split `steps` over blocks in proportion to their size: each gets 1..size, sum == steps."""
     total = sum(block_sizes)
@@ -586,26 +767,49 @@ def planned_commits(remaining: int, steps_left: int) -> int:
     return -(-remaining // max(steps_left, 1))
 
 
-def select_commits(scores: Tensor, count: int, threshold: float | None = None) -> Tensor:
+def factor_ok(scores: Tensor, factor: float) -> Tensor:
+    """bool [N]: Fast-dLLM's factor rule for rows in commit order (most confident first, or
+    left to right): committing the first n rows is allowed while (n + 1) * (1 - c_n) < factor,
+    c_n the n-th row's confidence. Many commits need each of them near-certain; one is free."""
+    n = torch.arange(2, scores.numel() + 2, device=scores.device, dtype=scores.dtype)
+    return n * (1 - scores) < factor
+
+
+def select_commits(
+    scores: Tensor, count: int, threshold: float | None = None, factor: float | None = None
+) -> Tensor:
     """Indices (ascending) of the rows to commit: the `count` most confident, plus every row at
-    or above `threshold`; at least one when there is any row."""
+    or above `threshold`, plus as many of the most confident as the factor rule allows
+    (`factor_ok`); at least one when there is any row."""
     n = scores.numel()
     k = count
     if threshold is not None:
         k = max(k, int((scores >= threshold).sum()))
-    k = min(max(k, 1), n)
     order = torch.sort(scores, descending=True, stable=True).indices
+    if factor is not None and n:
+        k = max(k, int(factor_ok(scores[order], factor).int().cumprod(0).sum()))
+    k = min(max(k, 1), n)
     return order[:k].sort().values
 
 
-def select_leftmost(scores: Tensor, count: int, threshold: float | None = None) -> Tensor:
+def select_leftmost(
+    scores: Tensor, count: int, threshold: float | None = None, factor: float | None = None
+) -> Tensor:
     """Indices of the leftmost rows to commit: `count` of them, extended while the next row's
-    score reaches `threshold`; at least one when there is any row. Rows are in canvas order."""
+    score reaches `threshold` or the factor rule (`factor_ok`, rows in canvas order) allows it;
+    at least one when there is any row. Rows are in canvas order."""
     n = scores.numel()
     k = min(max(count, 1), n)
+    if threshold is None and factor is None:
+        return torch.arange(k, device=scores.device)
+    ok = torch.zeros(n, dtype=torch.bool, device=scores.device)
     if threshold is not None:
-        while k < n and float(scores[k]) >= threshold:
-            k += 1
+        ok |= scores >= threshold
+    if factor is not None:
+        ok |= factor_ok(scores, factor)
+    flags = ok.tolist()
+    while k < n and flags[k]:
+        k += 1
     return torch.arange(k, device=scores.device)
 
 
@@ -621,6 +825,11 @@ def select_remask(confidence: Tensor, threshold: float, budget: int) -> Tensor:
 def kv_keep(cache: KVCache, positions: Tensor) -> KVCache:
     """The cache restricted to some of its stored positions (RoPE is already in the keys)."""
     positions = positions.to(cache.pad_mask.device)
+    n = positions.numel()
+    if n and bool((positions.diff() == 1).all()):  # a range: views, no copy
+        a, b = int(positions[0]), int(positions[-1]) + 1
+        return KVCache([(k[:, :, a:b], v[:, :, a:b]) for k, v in cache.layers],
+                       cache.pad_mask[:, a:b])  # fmt: skip
     layers = [(k.index_select(2, positions), v.index_select(2, positions)) for k, v in cache.layers]
     return KVCache(layers, cache.pad_mask.index_select(1, positions))
 
@@ -721,6 +930,7 @@ class SamplerState:
         self.cache: KVCache | None = None  # K/V reused by the steps of the current block
         self._tables: ConstraintTables | None = None
         self._pending: StepInputs | None = None
+        self._step_state: tuple | None = None  # between propose() and finish_step()
 
     # ---- queries ----------------------------------------------------------------------------
     @property
@@ -764,6 +974,13 @@ class SamplerState:
     def advance(self, logits: Tensor, cache: KVCache | None = None) -> StepEvent:
         """Apply one denoising step given this job's logits [W, V] (or [1, W, V]) for the window
         from `prepare_inputs`, and its KVCache when that window asked for one."""
+        draw = self.propose(logits, cache)
+        return self.finish_step(draw, *sample_draws([draw])[0])
+
+    def propose(self, logits: Tensor, cache: KVCache | None = None) -> Draw:
+        """The first half of `advance`: bookkeeping and the constrained logits to sample from.
+        An engine samples the draws of all its jobs together (`sample_draws`), then calls
+        `finish_step` for each: the same tokens as `advance`, job by job."""
         inputs = self._pending
         if inputs is None:
             raise InvalidArgument("call prepare_inputs() before advance()", field="state")
@@ -791,17 +1008,46 @@ class SamplerState:
         is_open = self.masked[block_pos]
         open_pos = block_pos[is_open]
         open_logits = self._constrained(logits, open_pos, first, tables)
-        tokens = sample_tokens(open_logits, p.temperature, p.top_k, p.top_p, self.generator)
         in_order = p.position_score == "left_to_right"
-        conf = score_positions(open_logits, tokens, "probability" if in_order else p.position_score)
+        score = "probability" if in_order else p.position_score
+        # left to right at a fixed count: the leftmost `count` positions are committed whatever
+        # their confidence, so only they are sampled; the rest get the model's best guess
+        # (argmax) as their tentative token for the step's event
+        n_draw = open_pos.numel()
+        if in_order and p.threshold is None and p.threshold_factor is None:
+            n_draw = min(max(self._commit_count(open_pos.numel()), 1), n_draw)
+        self._step_state = (logits, first, tables, block_pos, is_open, open_pos, open_logits,
+                            n_draw)  # fmt: skip
+        return Draw(open_logits[:n_draw], p.temperature, p.top_k, p.top_p, self.generator, score)
+
+    def _commit_count(self, n_open: int) -> int:
+        """Tokens the fixed schedule commits this step (all of them on a capped last step)."""
+        p = self.params
+        if p.max_steps is not None and self.step + 1 >= p.max_steps:
+            return n_open
+        return planned_commits(n_open, self.block_steps[self.block] - self.block_step)
+
+    def finish_step(self, draw: Draw, tokens: Tensor, conf: Tensor) -> StepEvent:
+        """The second half of `advance`: commit, remask, and say what the step did."""
+        if self._step_state is None:
+            raise InvalidArgument("call propose() before finish_step()", field="state")
+        logits, first, tables, block_pos, is_open, open_pos, open_logits, n_draw = self._step_state
+        self._step_state = None
+        p = self.params
+        in_order = p.position_score == "left_to_right"
+        if n_draw < open_pos.numel():  # the tentative rest: argmax and its probability
+            rest = open_logits[n_draw:]
+            best = rest.argmax(dim=-1)
+            tokens = torch.cat([tokens, best])
+            conf = torch.cat([conf, score_positions(rest, best, "probability")])
 
         steps_left = self.block_steps[self.block] - self.block_step
         last_step = p.max_steps is not None and self.step + 1 >= p.max_steps
         count = open_pos.numel() if last_step else planned_commits(open_pos.numel(), steps_left)
         if in_order:
-            chosen = select_leftmost(conf, count, p.threshold)
+            chosen = select_leftmost(conf, count, p.threshold, p.threshold_factor)
         else:
-            chosen = select_commits(conf, count, p.threshold)
+            chosen = select_commits(conf, count, p.threshold, p.threshold_factor)
         commit_pos = open_pos[chosen]
         if in_order and p.grammar and chosen.numel() > 1:
             # commit left to right, each token re-drawn under the grammar given the one just
@@ -1103,3 +1349,116 @@ def generate_ar(
     generated = torch.zeros(P + n_new, dtype=torch.bool, device=device)
     generated[P:] = True
     return SampleResult(out, generated, nfe, n_new, finish, n_new / nfe)
+
+
+class ARState:
+    """One autoregressive job between steps, so the Engine batches AR jobs as it batches
+    diffusion jobs: the first step is the prefill (the prompt; the logits of its last position),
+    every later step one token against the job's KV cache. The same interface as SamplerState
+    (`prepare_inputs` / `advance` / `done` / `result`, one "block" holding every new position),
+    and the same tokens as `generate_ar` with its cache: the same constraints, the same draws
+    from the same seeded generator, in the same order."""
+
+    block = 0  # one block: the whole continuation
+
+    def __init__(
+        self,
+        prompt_ids: Tensor | list[int],
+        params: ARParams,
+        vocab: SamplerVocab,
+        *,
+        modality: str | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device).flatten()
+        if prompt.numel() == 0:
+            raise InvalidArgument(
+                "the autoregressive baseline needs a non-empty prompt", field="prompt_ids"
+            )
+        rows = vocab.modality_rows
+        if modality not in rows:
+            raise InvalidArgument(
+                "no modality mask for this modality", field="modality", value=modality
+            )
+        self.params, self.vocab = params, vocab
+        self.P, self.N = prompt.numel(), params.max_new_tokens
+        self.ids = torch.full((self.P + self.N,), vocab.mask_id, dtype=torch.long,
+                              device=self.device)  # fmt: skip
+        self.ids[: self.P] = prompt
+        self.masked = torch.ones(self.P + self.N, dtype=torch.bool, device=self.device)
+        self.masked[: self.P] = False
+        self.modality_rows = torch.full((self.P + self.N,), rows[modality], dtype=torch.long,
+                                        device=self.device)  # fmt: skip
+        self.modality_rows[: self.P] = 0
+        self.blocks = [torch.arange(self.P, self.P + self.N, device=self.device)]
+        self.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        self.cache: KVCache | None = None
+        self.nfe = 0
+        self.step = 0  # tokens decoded
+        self.finish_reason: str | None = None
+        self._tables: ConstraintTables | None = None
+        self._pending: StepInputs | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def prepare_inputs(self) -> StepInputs:
+        if self.done:
+            raise InvalidArgument("the job has finished", field="state")
+        if self.cache is None:  # prefill: the whole prompt, logits of its last position
+            inputs = StepInputs(self.ids[None, : self.P], 0, None, use_cache=True,
+                                out_offset=self.P - 1, out_len=1)  # fmt: skip
+        else:  # decode_one_token: the last token against the cache
+            pos = self.P + self.step - 1
+            inputs = StepInputs(self.ids[None, pos : pos + 1], pos, self.cache, use_cache=True,
+                                out_len=1)  # fmt: skip
+        self._pending = inputs
+        return inputs
+
+    def advance(self, logits: Tensor, cache: KVCache | None = None) -> StepEvent:
+        draw = self.propose(logits, cache)
+        return self.finish_step(draw, *sample_draws([draw])[0])
+
+    def propose(self, logits: Tensor, cache: KVCache | None = None) -> Draw:
+        if self._pending is None:
+            raise InvalidArgument("call prepare_inputs() before advance()", field="state")
+        if cache is None:
+            raise InvalidArgument("an AR step needs its KVCache", field="cache")
+        self._pending = None
+        self.nfe += 1
+        self.cache = cache
+        logits = logits.reshape(-1, logits.shape[-1])[-1]  # [V]: predicts the next position
+        if self._tables is None:
+            self._tables = self.vocab.tables(logits.shape[-1], self.device)
+        p = self.params
+        pos_t = torch.tensor([self.P + self.step], device=self.device)
+        row = apply_constraints(logits[None].float(), pos_t, self.ids, self.masked,
+                                self.modality_rows, self._tables, p.grammar)  # fmt: skip
+        return Draw(row, p.temperature, p.top_k, p.top_p, self.generator)
+
+    def finish_step(self, draw: Draw, tokens: Tensor, conf: Tensor) -> StepEvent:
+        pos = self.P + self.step
+        pos_t = torch.tensor([pos], device=self.device)
+        self.ids[pos], self.masked[pos] = tokens[0], False
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        event = StepEvent(self.step, 0, pos_t, tokens, conf, empty, empty, empty.float(), empty)
+        self.step += 1
+        if self.params.stop_at_eos and int(tokens[0]) == self.vocab.eos_id:
+            self._finish("eos")
+        elif self.step == self.N:
+            self._finish("length")
+        return event
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.cache = None
+
+    def result(self) -> SampleResult:
+        n = self.step
+        out = self.ids[: self.P + n].clone()
+        generated = torch.zeros(self.P + n, dtype=torch.bool, device=self.device)
+        generated[self.P :] = True
+        return SampleResult(out, generated, self.nfe, n, self.finish_reason or "length",
+                            n / max(self.nfe, 1))  # fmt: skip

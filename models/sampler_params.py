@@ -19,12 +19,13 @@ MAX_STEPS = 1_000_000
 MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 1_000_000
 MAX_SEED = 2**63 - 1
+MAX_THRESHOLD_FACTOR = 100.0
 
 POSITION_SCORES = ("probability", "margin", "entropy", "left_to_right")
 # knobs a model may choose for the caller: its config's `sampler_defaults` per modality fill the
 # fields a request left unset (`SamplerParams.unset`); "tokens_per_step" sets `steps`
 MODEL_DEFAULTABLE = (
-    "steps", "block_length", "threshold", "position_score", "temperature", "top_k", "top_p",
+    "steps", "block_length", "threshold", "threshold_factor", "position_score", "temperature", "top_k", "top_p",
     "remask_budget", "remask_threshold", "use_cache",
 )  # fmt: skip
 CACHE_MODES = ("none", "prefix", "dual")
@@ -100,6 +101,10 @@ class SamplerParams(_DictMixin):
                       block spanning the whole canvas.
     threshold:        commit every position whose confidence >= threshold (at least one, and at
                       least what keeps the run within `steps`); None = fixed schedule.
+    threshold_factor: Fast-dLLM's factor rule: also commit the n most confident positions (left to
+                      right: the leftmost n) while (n + 1) * (1 - confidence of the n-th) <
+                      threshold_factor; a calibrated model commits several certain tokens in one
+                      forward and one uncertain token alone. None = off. `steps` stays a bound.
     position_score:   confidence used to rank positions: probability of the sampled token,
                       top1-top2 probability margin, or exp(-entropy) (all in [0, 1]); or
                       "left_to_right": commit the leftmost open positions of the block (with a
@@ -125,6 +130,7 @@ class SamplerParams(_DictMixin):
     steps: int = 64
     block_length: int | None = None
     threshold: float | None = None
+    threshold_factor: float | None = None
     position_score: str = "probability"
     temperature: float = 0.0
     top_k: int = 0
@@ -163,6 +169,10 @@ class SamplerParams(_DictMixin):
         _check_int("steps", self.steps, self.n_blocks, self.gen_length)
         if self.threshold is not None:
             _check_float("threshold", self.threshold, 0.0, 1.0, lo_open=True)
+        if self.threshold_factor is not None:
+            _check_float(
+                "threshold_factor", self.threshold_factor, 0.0, MAX_THRESHOLD_FACTOR, lo_open=True
+            )
         _check_choice("position_score", self.position_score, POSITION_SCORES)
         _check_sampling(self)
         _check_int("remask_budget", self.remask_budget, 0, self.gen_length)
