@@ -13,23 +13,25 @@
 #   scripts/train_default.sh stage1      # in the background: nohup ... &
 #   scripts/train_default.sh stage2      # after stopping stage 1
 #   scripts/train_default.sh stage3      # continue both shipped models on new batches (seed 13)
+#   scripts/train_default.sh stage4      # a further cycle, code-heavier mix (seed 14)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+NICE=${NICE:-5}  # 19: train on idle CPU only while other work runs
 
 # Start runs/<stage>-bd and runs/<stage>-ar side by side, one core each; the AR run is cheaper and
 # ends first, then the block-diffusion run resumes on both cores.
 run_pair() {
   local stage=$1
-  nohup nice -n 5 "$PY" -m unmask train --config "configs/$stage-bd.json" --out "runs/$stage-bd" \
+  nohup nice -n "$NICE" "$PY" -m unmask train --config "configs/$stage-bd.json" --out "runs/$stage-bd" \
     --quiet > "runs/$stage-bd.log" 2>&1 &
   local bd=$!
-  nohup nice -n 5 "$PY" -m unmask train --config "configs/$stage-ar.json" --out "runs/$stage-ar" \
+  nohup nice -n "$NICE" "$PY" -m unmask train --config "configs/$stage-ar.json" --out "runs/$stage-ar" \
     --quiet > "runs/$stage-ar.log" 2>&1 &
   local ar=$!
   nohup bash -c "while kill -0 $ar 2>/dev/null; do sleep 20; done
     kill $bd 2>/dev/null; sleep 5
-    exec nice -n 5 $PY -m unmask train --config configs/$stage-bd.json --out runs/$stage-bd \
+    exec nice -n $NICE $PY -m unmask train --config configs/$stage-bd.json --out runs/$stage-bd \
       --quiet --num-threads 2" >> "runs/$stage-bd.log" 2>&1 &
   echo "$stage started: runs/$stage-bd, runs/$stage-ar"
 }
@@ -44,6 +46,10 @@ case "${1:-}" in
   stage3)
     # a further cosine cycle (5e-4 -> 5e-5) for both shipped models, again on identical batches
     run_pair stage3 ;;
+  stage4)
+    # another cosine cycle (4e-4 -> 4e-5) from the stage-3 models, code twice as likely as text
+    # or MIDI (code gates lag most), again on identical batches (seed 14)
+    run_pair stage4 ;;
   *)
-    echo "usage: $0 stage1|stage2|stage3" >&2; exit 2 ;;
+    echo "usage: $0 stage1|stage2|stage3|stage4" >&2; exit 2 ;;
 esac
