@@ -179,6 +179,40 @@ def test_a_claim_whose_message_was_acknowledged_is_dropped_and_nothing_queued(jo
     assert not r.exists(protocol.lost_key("job-c"))
 
 
+def test_settle_requeues_a_message_given_back_while_redis_was_away_once_not_a_new_delivery(jobs):
+    """A run gave its message back while kombu could not reach Redis (the message is still
+    unacknowledged, the claim still there): settle() requeues it once, under a new tag, without
+    counting a loss. A new delivery under the same tag (kombu restores under the old tag) is
+    left alone."""
+    r = jobs._redis
+    me = recovery.Owner(MODEL, "me@host", "eeee")
+    r.delete(protocol.queue_name(MODEL))
+    _unacked(r, "t-back", "job-e")
+    held = recovery.claim(r, me, "t-back", "job-e")
+    assert held.index_score
+    assert recovery.settle(r, me, "t-back", "job-e", held, requeue=True, ttl_s=60)
+    assert not recovery.settle(r, me, "t-back", "job-e", held, requeue=True, ttl_s=60)
+    queued = [json.loads(m) for m in r.lrange(protocol.queue_name(MODEL), 0, -1)]
+    assert len(queued) == 1 and queued[0]["properties"]["delivery_tag"] != "t-back"
+    assert not r.hexists(recovery.UNACKED, "t-back") and _claims(r) == {}
+    assert not r.exists(protocol.lost_key("job-e"))
+    assert jobs.status("job-e")["note"] == "requeued after Redis was unreachable"
+    # the same tag delivered again (indexed anew, claimed by another worker or not yet)
+    r.delete(protocol.queue_name(MODEL))
+    _unacked(r, "t-again", "job-f")
+    old = recovery.claim(r, me, "t-again", "job-f")
+    time.sleep(0.01)
+    _unacked(r, "t-again", "job-f")
+    assert not recovery.settle(r, me, "t-again", "job-f", old, requeue=True, ttl_s=60)
+    assert r.hexists(recovery.UNACKED, "t-again") and r.llen(protocol.queue_name(MODEL)) == 0
+    # a run that ended (Celery acks it) but whose ack failed: the message is dropped
+    _unacked(r, "t-done", "job-g")
+    done = recovery.claim(r, me, "t-done", "job-g")
+    assert recovery.settle(r, me, "t-done", "job-g", done, requeue=False, ttl_s=60)
+    assert not r.hexists(recovery.UNACKED, "t-done") and r.llen(protocol.queue_name(MODEL)) == 0
+    r.delete(recovery.UNACKED, recovery.UNACKED_INDEX, protocol.inflight_key(MODEL))
+
+
 # ---- real workers, killed -------------------------------------------------------------------
 def test_kill_9_a_worker_its_jobs_restart_on_the_survivor_within_15_s(fleet, jobs):
     survivor, victim = fleet.start(concurrency=4), fleet.start()  # room for the victim's jobs

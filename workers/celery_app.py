@@ -9,6 +9,9 @@ the task module. Every ack, retry and pool setting lives here (the task decorato
 - a lost worker (heartbeat expired: three missed `heartbeat_s`) has its unacknowledged jobs
   requeued within seconds by any live worker of its model (recovery.py), fenced so that nothing
   runs twice (tasks.py);
+- a run that ends while Redis is away cannot hand its message back through kombu (its reject
+  or ack fails, and kombu only logs it): the worker settles it once Redis answers again
+  (recovery.py), so it does not wait for the visibility timeout;
 - last resort, the Redis transport puts an unacknowledged message back on its queue once it is
   older than the visibility timeout. That timeout is longer than the hard time limit (Settings
   checks it), so a job that is still running is never handed to a second worker; restore
@@ -18,6 +21,10 @@ the task module. Every ack, retry and pool setting lives here (the task decorato
   REDIS_LOSS_DELIVERIES deliveries (a network blip is not the job's fault);
 - prefetch multiplier 1: a worker reserves at most `concurrency` jobs, so jobs wait in the shared
   queue (where any worker can take them and `LLEN` measures back-pressure), not in one process.
+
+Transport: kombu's Redis transport, with one guard (RedisTransport): a channel that outlives its
+connection raises a connection error instead of kombu 5.7.0's AttributeError, which killed the
+worker when Redis restarted.
 
 Pool: `threads`, `worker_concurrency` threads feeding one Engine (tasks.py says why). What that
 pool enforces: the number of task threads, and (through the consumer, not the pool) the prefetch
@@ -34,13 +41,38 @@ to our own keys (see protocol.py); the Celery result backend only receives a sma
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlparse
 
+import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from unmask.settings import Settings
 from unmask.workers.protocol import queue_name
 
 REDIS_LOSS_DELIVERIES = 10  # deliveries of a job that keeps losing Redis mid-run, then it fails
+
+
+class _Channel(kombu_redis.Channel):
+    """kombu 5.7.0's Redis channel, except when its connection is gone. A channel can outlive
+    its connection (Celery closes the connection when Redis goes away, and closes a channel
+    later): closing it restores its unacknowledged messages through a new pool built from
+    `connection.client`, which is None by then, so kombu raises AttributeError ('NoneType'
+    object has no attribute 'hostname'), Celery's clean-up does not catch it, and the worker
+    process dies ("Unrecoverable error"). Raise the connection error this stands for instead:
+    Celery ignores those while it reconnects, and the messages stay in `unacked` (the worker
+    settles what it could not hand back: recovery.py)."""
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        if self.connection is None or self.connection.client is None:
+            raise redis.ConnectionError("this channel's broker connection is closed")
+        return super()._connparams(asynchronous=asynchronous)
+
+
+class RedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport with _Channel."""
+
+    Channel = _Channel
 
 
 def celery_config(settings: Settings, *, client: bool = False) -> dict[str, Any]:
@@ -55,6 +87,12 @@ def celery_config(settings: Settings, *, client: bool = False) -> dict[str, Any]
         transport.update(socket_connect_timeout=1.0, socket_timeout=2.0)
     return {
         "broker_url": settings.broker_url,
+        # kombu's own class for any other scheme (e.g. redis+socket://)
+        "broker_transport": (
+            f"{__name__}:RedisTransport"
+            if urlparse(settings.broker_url).scheme in ("redis", "rediss")
+            else None
+        ),
         # The worker stores each task's small summary dict in Redis. The client publishes with no
         # result backend: it reads our own result keys, and a Celery backend would subscribe to
         # a pub/sub channel per submitted job for nothing.

@@ -21,8 +21,9 @@ wins: a run's number in the `deliveries` counter is its fencing token, and a run
 newer delivery of its job (Celery hands a job out again when the worker's broker connection
 drops mid-run) stops, appends no more events and stores nothing (see _STORE_LUA). A run that loses
 Redis (connection refused, reset, timed out) stores nothing and goes back to the queue (Celery
-`Reject(requeue=True)`, or the visibility timeout when the broker is gone too): a network blip
-must not become a permanent "failed" result. The rerun appends to the same event stream.
+`Reject(requeue=True)`; when kombu cannot reach Redis for that either, the worker requeues it
+itself once Redis is back, see recovery.settle): a network blip must not become a permanent
+"failed" result. The rerun appends to the same event stream.
 
 Celery does not enforce time limits in the threads pool, so the task does: past the soft limit
 the Engine ends the job between steps (failed, TimeLimitExceeded); a hard-limit watchdog covers
@@ -37,6 +38,7 @@ worker died on `max_deliveries` deliveries fails (WorkerLost) instead of killing
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -49,6 +51,7 @@ from typing import Any
 import redis
 from celery import Celery, signals
 from celery.exceptions import Reject
+from kombu.asynchronous import get_event_loop
 
 from unmask.engine.engine import Engine
 from unmask.engine.request import GenerationRequest
@@ -130,6 +133,21 @@ return 1
 """
 
 
+DELIVERY_KEY = "unmask_delivery"  # set on each received request: its run's `task.request` has it
+
+
+@dataclasses.dataclass
+class _Delivery:
+    """One message this process received. Its tag alone does not name it: kombu restores a
+    message under the same tag, so a new delivery of it can arrive while this one still runs."""
+
+    tag: str
+    job_id: str
+    claim: recovery.Held | None  # as written; None while it could not be
+    message: Any  # kombu's Message: its channel counts it against the prefetch limit
+    requeue: bool = False  # (ended runs) the run gave the message back, else Celery acks it
+
+
 class _WorkerState:
     """What one worker process owns: settings, a Redis client, the Engine, the heartbeat."""
 
@@ -153,7 +171,11 @@ class _WorkerState:
         self.heartbeat_thread: threading.Thread | None = None
         self.started_at = time.time()
         self.instance = uuid.uuid4().hex[:12]  # this process, even under a reused hostname
-        self.claimed: set[str] = set()  # delivery tags this process holds (recovery.py)
+        # the deliveries this process holds (claims: recovery.py), and those whose run ended
+        # while Redis was away, to settle once it is back; both by DELIVERY_KEY
+        self.claims_lock = threading.Lock()
+        self.claimed: dict[str, _Delivery] = {}
+        self.unsettled: dict[str, _Delivery] = {}
         self.crash_marker = ""  # test-only, see CRASH_MARKER_ENV
 
 
@@ -270,6 +292,7 @@ def _on_shutdown(**_: Any) -> None:
     stop = _state.heartbeat_stop
     if stop is not None:
         stop.set()
+        _catch_up()  # runs that ended while Redis was away
         try:
             # reserved jobs that never started went back to the queue when Celery closed its
             # connection: drop their claims, so that no sweep mistakes them for lost ones
@@ -295,30 +318,93 @@ def _on_task_received(request: Any = None, **_: Any) -> None:
         return
     tag = str(request.message.delivery_tag)
     try:
-        recovery.claim(_redis(), _owner(), tag, request.id)
-    except redis.RedisError as exc:  # the visibility timeout still covers this message
-        log.warning("job %s: could not claim delivery %s: %s", request.id, tag, exc)
-        return
-    with _state.lock:
-        _state.claimed.add(tag)
+        held = recovery.claim(_redis(), _owner(), tag, request.id)
+    except redis.RedisError as exc:  # the next heartbeat that reaches Redis writes it
+        log.warning("job %s: could not claim delivery %s yet: %s", request.id, tag, exc)
+        held = None
+    key = uuid.uuid4().hex
+    request.request_dict[DELIVERY_KEY] = key  # becomes task.request.unmask_delivery
+    with _state.claims_lock:  # before the run starts, so before _end_delivery
+        _state.claimed[key] = _Delivery(tag, request.id, held, request.message)
 
 
-def _release_claim(tag: str | None) -> None:
-    if not tag:
+def _end_delivery(key: str | None, requeue: bool) -> None:
+    """The run of delivery `key` ended: release its claim. Left to the next heartbeat that
+    reaches Redis (_catch_up, recovery.settle) instead: a run that gives its message back
+    (kombu's reject comes after this and fails silently while Redis is away), a run whose
+    message arrived on a channel that has closed since (the broker connection was lost: kombu's
+    ack may fail), and a release that fails."""
+    with _state.claims_lock:
+        d = _state.claimed.pop(key or "", None)
+    if d is None:
         return
-    with _state.lock:
-        _state.claimed.discard(tag)
+    d.requeue = requeue
+    if not requeue and not getattr(getattr(d.message, "channel", None), "closed", False):
+        try:
+            if d.claim is not None:
+                recovery.release(_redis(), _owner(), {d.tag: d.claim})
+            return
+        except redis.RedisError as exc:
+            log.warning("could not release delivery %s yet: %s", d.tag, exc)
+    with _state.claims_lock:
+        _state.unsettled[key or ""] = d
+
+
+def _forget_delivery(message: Any) -> None:
+    """settle() moved or dropped the message of a delivery whose reject or ack failed in kombu:
+    acknowledge the old tag on its channel too, on the consumer's event loop as Celery does,
+    or that channel keeps counting the delivery against its prefetch limit and stops taking
+    messages once all its slots are such ghosts. A closed channel took its count with it."""
+    channel = getattr(message, "channel", None)
+    if message is None or message.acknowledged or channel is None or channel.closed:
+        return
+    hub = get_event_loop()
+    if hub is not None:
+        hub.call_soon(functools.partial(_ack_quietly, message))
+    else:
+        _ack_quietly(message)
+
+
+def _ack_quietly(message: Any) -> None:
+    """On the event loop: kombu's reject may have run (and worked) since; never raise there."""
+    if message.acknowledged:
+        return
     try:
-        recovery.release(_redis(), _owner(), [tag])
-    except redis.RedisError as exc:  # a stale claim is dropped by the sweep once we are gone
-        log.warning("could not release delivery %s: %s", tag, exc)
+        message.ack()
+    except Exception as exc:
+        log.warning("could not acknowledge delivery %s locally: %s", message.delivery_tag, exc)
 
 
-def _take_claims() -> list[str]:
-    with _state.lock:
-        tags = sorted(_state.claimed)
+def _take_claims() -> dict[str, recovery.Held]:
+    with _state.claims_lock:
+        held = {d.tag: d.claim for d in _state.claimed.values() if d.claim is not None}
         _state.claimed.clear()
-    return tags
+    return held
+
+
+def _catch_up() -> None:
+    """After each heartbeat that reached Redis: write the claims that failed, then settle the
+    deliveries that ended while Redis was away (a message given back while kombu could not
+    reach Redis stays unacknowledged until the visibility timeout otherwise). Never raises."""
+    with _state.claims_lock:
+        if not _state.unsettled and all(d.claim for d in _state.claimed.values()):
+            return  # the usual case: nothing to catch up with
+    try:
+        r, me, ttl = _redis(), _owner(), _settings().result_ttl_s
+        with _state.claims_lock:  # a run that ends meanwhile waits: no claim outlives its run
+            for d in _state.claimed.values():
+                if d.claim is None:
+                    d.claim = recovery.claim(r, me, d.tag, d.job_id)
+            unsettled = list(_state.unsettled.items())
+        for key, d in unsettled:
+            if recovery.settle(r, me, d.tag, d.job_id, d.claim, d.requeue, ttl):
+                _forget_delivery(d.message)
+            with _state.claims_lock:
+                _state.unsettled.pop(key, None)
+    except redis.RedisError as exc:
+        log.warning("catching up with Redis failed: %s", exc)
+    except Exception:
+        log.exception("catching up with Redis failed")
 
 
 def _sweep_lost_workers() -> None:
@@ -366,6 +452,7 @@ def _start_heartbeat() -> None:
             try:
                 if alive:
                     _redis().set(key, json.dumps(_heartbeat_info()), ex=ttl)
+                    _catch_up()
                     _sweep_lost_workers()
                 else:
                     _redis().delete(key)
@@ -415,15 +502,18 @@ class _CancelCheck:
 
 
 def _generate_task(task: Any, request: dict[str, Any]) -> dict[str, Any]:
+    requeue = False
     try:
         return run_job(task.request.id, request)
     except RedisLost as exc:
-        # Back to the head of the queue now; if the broker is unreachable too, the message stays
-        # unacknowledged and Redis restores it after the visibility timeout. Either way the job
-        # runs again and stores its result once.
+        # Back to the head of the queue now. If the broker is unreachable too, kombu's reject
+        # fails (it only logs "Couldn't reject") and the message stays unacknowledged: the
+        # heartbeat requeues it once Redis answers again (_catch_up). Either way the job runs
+        # again and stores its result once.
+        requeue = True
         raise Reject(str(exc), requeue=True) from exc
     finally:
-        _release_claim((task.request.properties or {}).get("delivery_tag"))
+        _end_delivery(getattr(task.request, DELIVERY_KEY, None), requeue)
 
 
 def run_job(job_id: str, request: dict[str, Any]) -> dict[str, Any]:
