@@ -307,7 +307,8 @@ class Engine:
         if job.canvas is None:
             assert job.ar_prompt is not None
             state = ARState(job.ar_prompt, ar_params(job.params), self.generator.sampler_vocab,
-                            modality=job.modality, device=self._device)  # fmt: skip
+                            modality=job.modality, device=self._device,
+                            first_allowed=job.first_allowed)  # fmt: skip
         else:
             state = new_state(
                 self.generator.model,
@@ -452,6 +453,9 @@ class Engine:
             text = vocab.bpe.decode(
                 [i - vocab.ranges.bpe_start for i in ids if i < vocab.ranges.bpe_end]
             )
+            healed = a.job.healed  # token healing: the prompt already holds this text
+            if index == 0 and healed and text.startswith(healed):
+                text = text[len(healed) :]
         a.handle._emit({"type": "block", "index": index, "text": text, "ids": ids})
 
     def _succeed(self, a: _Active, gen: Generation) -> None:

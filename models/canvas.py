@@ -33,10 +33,12 @@ class Fixed:
 
 @dataclass(frozen=True)
 class Masked:
-    """A span of `length` positions to generate; `modality` selects its allowed ids."""
+    """A span of `length` positions to generate; `modality` selects its allowed ids, `first`
+    (when given) narrows its first position to those ids (token healing)."""
 
     length: int
     modality: str | None = None
+    first: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return self.length
@@ -54,6 +56,7 @@ class CanvasLayout:
     modality: tuple[str | None, ...]  # per position; None for fixed or unconstrained positions
     span: torch.Tensor  # LongTensor[T]: index of the masked span, -1 for fixed positions
     blocks: tuple[torch.Tensor, ...]  # LongTensor positions per block, left to right
+    pinned: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (position, its only allowed ids)
 
     @property
     def length(self) -> int:
@@ -113,6 +116,7 @@ class Canvas:
         ids: list[int] = []
         modality: list[str | None] = []
         span: list[int] = []
+        pinned: list[tuple[int, tuple[int, ...]]] = []
         n_spans = 0
         for seg in self.segments:
             if isinstance(seg, Fixed):
@@ -120,6 +124,8 @@ class Canvas:
                 modality.extend([None] * len(seg))
                 span.extend([-1] * len(seg))
             else:
+                if seg.first:
+                    pinned.append((len(ids), tuple(int(i) for i in seg.first)))
                 ids.extend([mask_id] * seg.length)
                 modality.extend([seg.modality] * seg.length)
                 span.extend([n_spans] * seg.length)
@@ -136,6 +142,7 @@ class Canvas:
             modality=tuple(modality),
             span=span_t,
             blocks=partition_blocks(torch.nonzero(~fixed).flatten(), block_length),
+            pinned=tuple(pinned),
         )
 
 

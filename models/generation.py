@@ -28,6 +28,7 @@ from unmask.models.sampler import (
 )
 from unmask.models.sampler_params import ARParams, SamplerParams
 from unmask.models.template import parse_template
+from unmask.tokenizers.healing import healing_table
 from unmask.tokenizers.specials import BOS_ID, NUM_SPECIAL
 from unmask.tokenizers.vocab import UnifiedVocab, check_modality
 
@@ -106,12 +107,22 @@ class Prepared:
     ar_prompt: list[int] | None
     prompt_tokens: int
     decode: Callable[[SampleResult], str | bytes]
+    # token healing (tokenizers/healing.py): the text of the prompt's last token, left out of
+    # the canvas, and the only ids the first generated position may take ("" and () = none)
+    healed: str = ""
+    first_allowed: tuple[int, ...] = ()
 
 
 class Generator:
     # Prompts longer than the window are refused (InvalidArgument naming the prompt); evaluation,
     # which samples from held-out document prefixes, keeps their most recent tokens instead.
     truncate_prompts: bool = False
+    # Token healing (tokenizers/healing.py): a text/code prompt given as a string loses its last
+    # token when other tokens extend it (a bare newline, a space), and the first generated token
+    # must start with its text; the output still starts with the exact prompt. Never for infill,
+    # MIDI or prompts given as ids. A switch for comparisons (set on an instance), not a request
+    # parameter (the wire format has no field for it).
+    token_healing: bool = True
 
     def __init__(self, model: torch.nn.Module, vocab: UnifiedVocab, meta: dict) -> None:
         self.model = model.eval()
@@ -243,8 +254,9 @@ class Generator:
             return self.prepare_from_ids(modality, ids, params, field="midi")
         text_prefix = prompt if isinstance(prompt, str) else ""
         return self.prepare_from_ids(
-            modality, self.prompt_ids(modality, prompt), params, text_prefix
-        )
+            modality, self.prompt_ids(modality, prompt), params, text_prefix,
+            heal=isinstance(prompt, str) and modality != "midi" and self.token_healing,
+        )  # fmt: skip
 
     def prepare_from_ids(
         self,
@@ -255,27 +267,48 @@ class Generator:
         *,
         field: str = "prompt",
         truncate: bool | None = None,
+        heal: bool = False,
     ) -> Prepared:
         """Continue content ids (no BOS/tag). Text output = `text_prefix` + the new text; MIDI
         output = the whole piece (prompt + new tokens) as a file. A prompt longer than the window
         allows is refused (`field` names it), or cut from the left when `truncate` (default: the
-        class's `truncate_prompts`)."""
+        class's `truncate_prompts`). `heal` (text/code): token healing (`_heal`); the output
+        still starts with `text_prefix`, and prompt_tokens still counts the healed token."""
         params = self.resolve(params, modality)
         check_modality(modality)
         cut = self.truncate_prompts if truncate is None else truncate
         kept = self._fit_prompt(prompt_ids, params.gen_length, field=field, truncate=cut)
-        head = self.header(modality) + kept
+        healed, first = self._heal(kept) if heal and modality != "midi" else ("", ())
+        head = self.header(modality) + (kept[:-1] if healed else kept)
+        prompt_tokens = len(head) + (1 if healed else 0)
 
         def decode(result: SampleResult) -> str | bytes:
             new = self.vocab.strip_specials(result.generated_ids)
             if modality == "midi":  # continue the whole piece, not only the window the model saw
                 return self._decode_midi(prompt_ids + new)
-            return text_prefix + (self.vocab.decode(new, modality) if new else "")
+            text = self.vocab.decode(new, modality) if new else ""
+            # the first new token starts with the healed text, which the prompt already holds
+            return text_prefix + (text[len(healed) :] if text.startswith(healed) else text)
 
         if self.is_ar:
-            return Prepared(modality, None, params, head, len(head), decode)
-        canvas = Canvas([Fixed(head), Masked(params.gen_length, modality)])
-        return Prepared(modality, canvas, params, None, len(head), decode)
+            return Prepared(modality, None, params, head, prompt_tokens, decode, healed, first)
+        canvas = Canvas([Fixed(head), Masked(params.gen_length, modality, first)])
+        return Prepared(modality, canvas, params, None, prompt_tokens, decode, healed, first)
+
+    def _heal(self, ids: list[int]) -> tuple[str, tuple[int, ...]]:
+        """(text of the last prompt token, ids the first new token may take) when that token is
+        a strict prefix of other tokens (a bare newline, a space, an open parenthesis), else
+        ("", ()). Only for the unified vocabulary, and only for a token that decodes to whole
+        characters on its own (so the output's prompt stays byte-identical)."""
+        if not ids or not isinstance(self.vocab, UnifiedVocab):
+            return "", ()
+        first = healing_table(self.vocab).allowed_after(ids[-1])
+        if not first:
+            return "", ()
+        text = self.vocab.decode(ids[-1:], "text")
+        if not text or "\ufffd" in text:
+            return "", ()
+        return str(text), first
 
     def prepare_infill(
         self, modality: str, template: str | Sequence[str | int], params: SamplerParams
@@ -457,7 +490,7 @@ class Generator:
             assert job.ar_prompt is not None
             result = generate_ar(
                 self.model, job.ar_prompt, ar_params(job.params), self.sampler_vocab,
-                modality=job.modality, on_step=on_step,
+                modality=job.modality, on_step=on_step, first_allowed=job.first_allowed,
             )  # fmt: skip
         else:
             result = generate(self.model, job.canvas, job.params, self.sampler_vocab, on_step)

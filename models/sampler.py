@@ -2,7 +2,8 @@
 
 One denoising step is a pipeline of small functions, each testable alone:
 
-    step_logits -> apply_constraints -> sample_tokens -> score_positions -> select_commits -> remask
+    step_logits -> apply_constraints -> apply_pinned -> sample_tokens -> score_positions
+                -> select_commits -> remask
 
 `SamplerState` holds one job's canvas between steps and splits a step into `prepare_inputs()`
 (what to feed the model) and `advance(logits)` (everything after the forward), so an engine can
@@ -567,6 +568,32 @@ def apply_constraints(
     return logits.masked_fill(~allowed, float("-inf"))
 
 
+def pin_masks(
+    pinned: Sequence[tuple[int, Sequence[int]]], vocab_size: int, device: torch.device | str
+) -> dict[int, Tensor]:
+    """position -> bool [V]: the only ids that position may take (token healing's first token)."""
+    out: dict[int, Tensor] = {}
+    for pos, ids in pinned:
+        allowed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        allowed[torch.as_tensor(list(ids), dtype=torch.long, device=device)] = True
+        out[int(pos)] = allowed
+    return out
+
+
+def apply_pinned(logits: Tensor, positions: Tensor, pinned: Mapping[int, Tensor]) -> Tensor:
+    """Set to -inf, in the rows of pinned `positions`, every logit outside that position's ids
+    (`pin_masks`); other rows are unchanged. logits [N, V] belong to canvas `positions` [N]."""
+    if not pinned:
+        return logits
+    rows = [(r, pinned[p]) for r, p in enumerate(positions.tolist()) if p in pinned]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for r, allowed in rows:
+        logits[r] = logits[r].masked_fill(~allowed, float("-inf"))
+    return logits
+
+
 def filter_top_k(logits: Tensor, top_k: int) -> Tensor:
     """Keep the top_k logits of each row (0 = keep all)."""
     if top_k <= 0 or top_k >= logits.shape[-1]:
@@ -929,6 +956,7 @@ class SamplerState:
         self.generator = torch.Generator(device="cpu").manual_seed(params.seed)
         self.cache: KVCache | None = None  # K/V reused by the steps of the current block
         self._tables: ConstraintTables | None = None
+        self._pinned: dict[int, Tensor] = {}  # position -> its only ids (`Masked.first`)
         self._pending: StepInputs | None = None
         self._step_state: tuple | None = None  # between propose() and finish_step()
 
@@ -1099,13 +1127,14 @@ class SamplerState:
     def _constraint_tables(self, vocab_size: int) -> ConstraintTables:
         if self._tables is None or self._tables.allowed.shape[1] != vocab_size:
             self._tables = self.vocab.tables(vocab_size, self.device)
+            self._pinned = pin_masks(self.layout.pinned, vocab_size, self.device)
         return self._tables
 
     def _constrained(
         self, logits: Tensor, positions: Tensor, start_pos: int, tables: ConstraintTables
     ) -> Tensor:
         """Constrained fp32 logits of canvas `positions` from the window's logits."""
-        return apply_constraints(
+        constrained = apply_constraints(
             logits[positions - start_pos].float(),
             positions,
             self.ids,
@@ -1115,6 +1144,7 @@ class SamplerState:
             self.params.grammar,
             self.linked,
         )
+        return apply_pinned(constrained, positions, self._pinned)
 
     def _reused_positions(self) -> Tensor:
         """Positions of the full-canvas cache that the block's later steps reuse."""
@@ -1287,8 +1317,10 @@ def generate_ar(
     *,
     modality: str | None = None,
     on_step: StepHook | None = None,
+    first_allowed: Sequence[int] = (),
 ) -> SampleResult:
-    """Left-to-right decoding (for a causal model): prefill, then one token per forward."""
+    """Left-to-right decoding (for a causal model): prefill, then one token per forward.
+    `first_allowed` (token healing): the only ids the first new token may take."""
     device = _model_device(model)
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).flatten()
     if prompt.numel() == 0:
@@ -1312,6 +1344,7 @@ def generate_ar(
     modality_rows[:P] = 0
     generator = torch.Generator(device="cpu").manual_seed(params.seed)
     tables: ConstraintTables | None = None
+    pinned: dict[int, Tensor] = {}
 
     cache: KVCache | None = None
     if params.use_cache:
@@ -1324,10 +1357,13 @@ def generate_ar(
         pos = P + i
         if tables is None:
             tables = vocab.tables(logits.shape[-1], device)
+            pinned = pin_masks([(P, first_allowed)] if first_allowed else [],
+                               logits.shape[-1], device)  # fmt: skip
         pos_t = torch.tensor([pos], device=device)
         row = apply_constraints(
             logits[None].float(), pos_t, ids, masked, modality_rows, tables, params.grammar
         )
+        row = apply_pinned(row, pos_t, pinned)
         token = sample_tokens(row, params.temperature, params.top_k, params.top_p, generator)
         conf = score_positions(row, token, "probability")
         ids[pos], masked[pos] = token[0], False
@@ -1369,6 +1405,7 @@ class ARState:
         *,
         modality: str | None = None,
         device: torch.device | str = "cpu",
+        first_allowed: Sequence[int] = (),
     ) -> None:
         self.device = torch.device(device)
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device).flatten()
@@ -1398,6 +1435,8 @@ class ARState:
         self.step = 0  # tokens decoded
         self.finish_reason: str | None = None
         self._tables: ConstraintTables | None = None
+        self._first_allowed = tuple(first_allowed)  # token healing: the first new token's ids
+        self._pinned: dict[int, Tensor] = {}
         self._pending: StepInputs | None = None
 
     @property
@@ -1432,10 +1471,13 @@ class ARState:
         logits = logits.reshape(-1, logits.shape[-1])[-1]  # [V]: predicts the next position
         if self._tables is None:
             self._tables = self.vocab.tables(logits.shape[-1], self.device)
+            first = [(self.P, self._first_allowed)] if self._first_allowed else []
+            self._pinned = pin_masks(first, logits.shape[-1], self.device)
         p = self.params
         pos_t = torch.tensor([self.P + self.step], device=self.device)
         row = apply_constraints(logits[None].float(), pos_t, self.ids, self.masked,
                                 self.modality_rows, self._tables, p.grammar)  # fmt: skip
+        row = apply_pinned(row, pos_t, self._pinned)
         return Draw(row, p.temperature, p.top_k, p.top_p, self.generator)
 
     def finish_step(self, draw: Draw, tokens: Tensor, conf: Tensor) -> StepEvent:

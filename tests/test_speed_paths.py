@@ -115,7 +115,8 @@ def test_ar_jobs_batched_in_the_engine_match_generate_ar_alone(ar_fp32, sampled)
     for r in reqs:
         job = ar_fp32.prepare(r)
         res = generate_ar(ar_fp32.model, job.ar_prompt, ar_params(job.params),
-                          ar_fp32.sampler_vocab, modality=job.modality)  # fmt: skip
+                          ar_fp32.sampler_vocab, modality=job.modality,
+                          first_allowed=job.first_allowed)  # fmt: skip
         expected.append(job.decode(res))
     with Engine(ar_fp32, max_batch=8) as engine:
         handles = [engine.submit(r) for r in reqs]
