@@ -85,6 +85,7 @@ HTTP_STATUS: dict[str, tuple[int, str]] = {
     "UNKNOWN": (500, "server_error"),
     "DATA_LOSS": (500, "server_error"),
 }
+OWN_FAMILIES = ("unmask",)  # models without a chat template: chat is flattened by the gateway
 _HTTP_CODE = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE"}
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -174,6 +175,7 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.client: AsyncClient | None = None
         self._default_model = ""
+        self._chat_template: dict[str, bool] = {}  # model name -> renders chat with its own
 
     # ---- plumbing ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -209,6 +211,21 @@ class Gateway:
         if not self._default_model:
             self._default_model = (await client.get_model("")).name
         return self._default_model
+
+    async def has_chat_template(self, client: AsyncClient, model: str) -> bool:
+        """Whether `model` renders chat with its checkpoint's own template: the public families
+        do (llada, dream, sdar, ...), our own model (family `unmask`) has none. Asked once per
+        model name (GetModel); not kept while unknown (a Celery model with no live worker
+        reports no family) or when GetModel fails (the Generate call then says why)."""
+        if model not in self._chat_template:
+            try:
+                family = (await client.get_model(model)).family
+            except ServiceError:
+                return False
+            if not family:
+                return False
+            self._chat_template[model] = family not in OWN_FAMILIES
+        return self._chat_template[model]
 
     async def events(self, request: Request, client: AsyncClient, msg: pb.GenerateRequest,
                      render: Callable[[pb.GenerateEvent], AsyncIterator[bytes]],
@@ -314,7 +331,15 @@ class Gateway:
         return await self._openai(request, oai.completion_call(await self.json(request)))
 
     async def chat(self, request: Request) -> Response:
-        return await self._openai(request, oai.chat_call(await self.json(request)))
+        """A model with its own chat template gets the messages as the gRPC `chat` input (the
+        server renders them); ours gets them flattened (`oai.render_chat`)."""
+        body = await self.json(request)
+        call = oai.chat_call(body)
+        client = self.caller(request)
+        call.model = call.model or await until_gone(request, self.default_model(client))
+        if await until_gone(request, self.has_chat_template(client, call.model)):
+            call = dataclasses.replace(oai.chat_call(body, template=True), model=call.model)
+        return await self._openai(request, call)
 
     async def _openai(self, request: Request, call: oai.Call) -> Response:
         client = self.caller(request)

@@ -12,14 +12,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from unmask.client import generate_request, infill_request, sampler_params
+from unmask.client import chat_request, generate_request, infill_request, sampler_params
 from unmask.errors import InvalidArgument
 from unmask.v1 import unmask_pb2 as pb
 
 # the chat template: one line per message, then the assistant's turn for the model to write
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_TURN = "Assistant:"
-CHAT_STOP = "\nUser:"  # added to every chat request: the model does not write the next user turn
+CHAT_STOP = "\nUser:"  # added to every flattened chat: the model does not write the next user turn
+# a model with its own chat template (public checkpoints) gets the messages as they are, with
+# OpenAI's `developer` as the `system` the templates know
+TEMPLATE_ROLES = {"developer": "system"}
 
 # mapped onto the request
 _STANDARD = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
@@ -161,12 +164,11 @@ def completion_call(body: Any) -> Call:
     return Call("completions", common["model"], msg, prompt, suffix, bool(echo), **extra)
 
 
-def render_chat(messages: Any) -> str:
-    """The chat template: `Role: content` per message (System, User, Assistant), one per line,
-    then `Assistant:` for the model to continue."""
+def chat_messages(messages: Any) -> list[tuple[str, str]]:
+    """The messages checked: (role, content) each, content parts joined (text only)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidArgument("a non-empty list of {role, content}", field="messages")
-    lines = []
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
             raise InvalidArgument(f"role must be one of {', '.join(CHAT_ROLES)}",
@@ -179,15 +181,33 @@ def render_chat(messages: Any) -> str:
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
             raise InvalidArgument("a string or text parts", field=f"messages[{i}].content")
-        lines.append(f"{CHAT_ROLES[m['role']]}: {content}")
+        out.append((m["role"], content))
+    return out
+
+
+def render_chat(messages: Any) -> str:
+    """The chat template: `Role: content` per message (System, User, Assistant), one per line,
+    then `Assistant:` for the model to continue."""
+    lines = [f"{CHAT_ROLES[role]}: {content}" for role, content in chat_messages(messages)]
     return "\n".join(lines) + "\n" + CHAT_TURN
 
 
-def chat_call(body: Any) -> Call:
+def chat_call(body: Any, *, template: bool = False) -> Call:
+    """A /v1/chat/completions body → the request to send. `template`: the model has its own
+    chat template (public checkpoints): the messages go as the gRPC `chat` input and the
+    server renders them; else they are flattened by `render_chat` (with `CHAT_STOP`)."""
     common, extra = _common(body, "chat")
+    messages = chat_messages(body.get("messages"))
+    stop = _str_list(body.get("stop"), "stop")
+    params = _params(body, "chat")
+    if template:
+        msgs = [(TEMPLATE_ROLES.get(role, role), content) for role, content in messages]
+        msg = chat_request(msgs, params=params, stop=stop, model=common["model"],
+                           modality=common["modality"])  # fmt: skip
+        msg.n = common["n"]
+        return Call("chat", common["model"], msg, **extra)
     prompt = render_chat(body.get("messages"))
-    stop = [*_str_list(body.get("stop"), "stop"), CHAT_STOP]
-    msg = generate_request(prompt, params=_params(body, "chat"), stop=stop, **common)
+    msg = generate_request(prompt, params=params, stop=[*stop, CHAT_STOP], **common)
     return Call("chat", common["model"], msg, prompt, **extra)
 
 
@@ -195,8 +215,10 @@ def param_of(field_path: str | None, kind: str) -> str | None:
     """The OpenAI parameter behind a request field the server named (params.top_p → top_p)."""
     if not field_path:
         return field_path
-    if kind == "chat" and field_path == "prompt":
+    if kind == "chat" and field_path in ("prompt", "chat", "chat.messages"):
         return "messages"
+    if kind == "chat" and field_path.startswith("chat.messages"):  # chat.messages[0] → messages[0]
+        return field_path.removeprefix("chat.")
     if field_path in _PARAM_OF_FIELD:
         return _PARAM_OF_FIELD[field_path]
     return field_path.removeprefix("params.")
@@ -278,7 +300,7 @@ class Deltas:
     def __init__(self, call: Call) -> None:
         self.call = call
         self.stop = list(call.request.stop)
-        self.incremental = call.request.WhichOneof("input") == "prompt"
+        self.incremental = call.request.WhichOneof("input") in ("prompt", "chat")
         self.base = call.prompt if call.echo else ""  # echo: the prompt comes first
         self.text = self.base  # and the committed blocks so far
         self.sent = ""

@@ -476,3 +476,72 @@ def _jsonable(value) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+# ---- chat with the model's own template: a public checkpoint -------------------------------
+
+
+@pytest.fixture(scope="module")
+def public(tmp_path_factory):
+    """A tiny SDAR (Qwen3 layout, ChatML template) served in-process, the gateway before it."""
+    from public_fixtures import write_checkpoint
+
+    d = write_checkpoint(tmp_path_factory.mktemp("public") / "SDAR-tiny", "sdar")
+    settings = Settings(model=str(d), model_name="SDAR-tiny")
+    with ServerThread(settings) as srv, GatewayThread(f"127.0.0.1:{srv.port}") as gw:
+        yield d, f"127.0.0.1:{srv.port}", gw
+
+
+def _chat_cache(gw: GatewayThread) -> dict[str, bool]:
+    return gw.http.server.config.app.state.gateway._chat_template
+
+
+def test_chat_to_a_public_model_uses_its_own_template(public):
+    from unmask.service.openai_compat import render_chat
+    from unmask.tokenizers.hf import HFTokenizer
+
+    d, target, gw = public
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Write a haiku about rain"}]  # fmt: skip
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    knobs = {"model": "SDAR-tiny", "messages": messages, "max_tokens": 8, "seed": 3,
+             "extra_body": {"steps": 4}}  # fmt: skip
+    r = client.chat.completions.create(**knobs)
+    with Client(target) as c:
+        direct = c.chat(messages, gen_length=8, steps=4, seed=3)
+        flat = c.generate(render_chat(messages), gen_length=8, steps=4, seed=3)
+    templated = len(HFTokenizer(d).encode_chat(messages))
+    assert r.usage.prompt_tokens == direct.usage["prompt_tokens"] == templated
+    assert templated != flat.usage["prompt_tokens"]  # not the gateway's own flattening
+    assert r.choices[0].message.content == direct.text
+    assert r.usage.completion_tokens == direct.usage["generated_tokens"]
+    assert _chat_cache(gw) == {"SDAR-tiny": True}
+
+    chunks = list(client.chat.completions.create(**knobs, stream=True,
+                                                 stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == (
+        r.choices[0].finish_reason
+    )
+    assert chunks[-1].usage.prompt_tokens == templated
+
+    # the default model (no name) is the same model; `developer` is the templates' `system`
+    body = {"messages": [{"role": "developer", "content": "Be brief."}, messages[1]],
+            "max_tokens": 8, "seed": 3, "steps": 4}  # fmt: skip
+    r2 = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r2.status_code == 200, r2.text
+    assert r2.json()["choices"][0]["message"]["content"] == direct.text
+
+    # errors map as before: the server's field named as the OpenAI parameter
+    bad = httpx.post(gw.url + "/v1/chat/completions", timeout=60,
+                     json={"messages": messages, "max_tokens": 10**6})  # fmt: skip
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens", bad.text
+
+
+def test_chat_to_our_own_model_is_flattened(oai, gateway):
+    r = oai.chat.completions.create(model="default", max_tokens=8, seed=2, extra_body={"steps": 2},
+                                    messages=[{"role": "user", "content": "Hi"}])  # fmt: skip
+    assert r.usage.completion_tokens == 8
+    assert _chat_cache(gateway) == {"default": False}  # asked once, kept
