@@ -1308,6 +1308,35 @@ def _full_forward_last(model: torch.nn.Module, ids: Tensor) -> Tensor:
     return model(ids[None])[0][0, -1]
 
 
+def _ar_canvas(
+    prompt_ids: Tensor | list[int],
+    params: ARParams,
+    vocab: SamplerVocab,
+    modality: str | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The AR baseline's canvas-shaped buffers (so apply_constraints sees the previous token as
+    in diffusion): ids [P + N] (prompt, then MASK), masked [P + N], modality rows [P + N], P."""
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).flatten()
+    if prompt.numel() == 0:
+        raise InvalidArgument(
+            "the autoregressive baseline needs a non-empty prompt", field="prompt_ids"
+        )
+    rows = vocab.modality_rows
+    if modality not in rows:
+        raise InvalidArgument(
+            "no modality mask for this modality", field="modality", value=modality
+        )
+    P, N = prompt.numel(), params.max_new_tokens
+    ids = torch.full((P + N,), vocab.mask_id, dtype=torch.long, device=device)
+    ids[:P] = prompt
+    masked = torch.ones(P + N, dtype=torch.bool, device=device)
+    masked[:P] = False
+    modality_rows = torch.full((P + N,), rows[modality], dtype=torch.long, device=device)
+    modality_rows[:P] = 0
+    return ids, masked, modality_rows, P
+
+
 @torch.inference_mode()
 def generate_ar(
     model: torch.nn.Module,
@@ -1322,26 +1351,9 @@ def generate_ar(
     """Left-to-right decoding (for a causal model): prefill, then one token per forward.
     `first_allowed` (token healing): the only ids the first new token may take."""
     device = _model_device(model)
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).flatten()
-    if prompt.numel() == 0:
-        raise InvalidArgument(
-            "the autoregressive baseline needs a non-empty prompt", field="prompt_ids"
-        )
-    rows = vocab.modality_rows
-    if modality not in rows:
-        raise InvalidArgument(
-            "no modality mask for this modality", field="modality", value=modality
-        )
-    P, N = prompt.numel(), params.max_new_tokens
+    ids, masked, modality_rows, P = _ar_canvas(prompt_ids, params, vocab, modality, device)
+    prompt, N = ids[:P], params.max_new_tokens
     _check_fits(model, P + N, "max_new_tokens")
-
-    # a canvas-shaped buffer lets apply_constraints see the previous token like in diffusion
-    ids = torch.full((P + N,), vocab.mask_id, dtype=torch.long, device=device)
-    ids[:P] = prompt
-    masked = torch.ones(P + N, dtype=torch.bool, device=device)
-    masked[:P] = False
-    modality_rows = torch.full((P + N,), rows[modality], dtype=torch.long, device=device)
-    modality_rows[:P] = 0
     generator = torch.Generator(device="cpu").manual_seed(params.seed)
     tables: ConstraintTables | None = None
     pinned: dict[int, Tensor] = {}
@@ -1408,26 +1420,11 @@ class ARState:
         first_allowed: Sequence[int] = (),
     ) -> None:
         self.device = torch.device(device)
-        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device).flatten()
-        if prompt.numel() == 0:
-            raise InvalidArgument(
-                "the autoregressive baseline needs a non-empty prompt", field="prompt_ids"
-            )
-        rows = vocab.modality_rows
-        if modality not in rows:
-            raise InvalidArgument(
-                "no modality mask for this modality", field="modality", value=modality
-            )
         self.params, self.vocab = params, vocab
-        self.P, self.N = prompt.numel(), params.max_new_tokens
-        self.ids = torch.full((self.P + self.N,), vocab.mask_id, dtype=torch.long,
-                              device=self.device)  # fmt: skip
-        self.ids[: self.P] = prompt
-        self.masked = torch.ones(self.P + self.N, dtype=torch.bool, device=self.device)
-        self.masked[: self.P] = False
-        self.modality_rows = torch.full((self.P + self.N,), rows[modality], dtype=torch.long,
-                                        device=self.device)  # fmt: skip
-        self.modality_rows[: self.P] = 0
+        self.ids, self.masked, self.modality_rows, self.P = _ar_canvas(
+            prompt_ids, params, vocab, modality, self.device
+        )
+        self.N = params.max_new_tokens
         self.blocks = [torch.arange(self.P, self.P + self.N, device=self.device)]
         self.generator = torch.Generator(device="cpu").manual_seed(params.seed)
         self.cache: KVCache | None = None
