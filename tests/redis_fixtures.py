@@ -50,6 +50,22 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, every
         time.sleep(every)
 
 
+def retry_while_redis_down(fn: Callable[[], object], timeout: float = 30.0, every: float = 0.1):
+    """fn() again while Redis is unreachable (being restarted, or cut off by a proxy)."""
+    import redis  # the fixtures' other users need no client library
+
+    from unmask.workers.protocol import BrokerUnavailable
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except (BrokerUnavailable, redis.RedisError):
+            if time.monotonic() > end:
+                raise
+            time.sleep(every)
+
+
 class RedisServer:
     """A private redis-server on a free port; persistence off unless `persistence` says otherwise.
     `start()` again after a kill restarts it on the same port and data directory."""
@@ -96,6 +112,24 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class PersistentRedis(RedisServer):
+    """redis-server with the append-only file on (fsync on every write by default), restartable
+    on the same port with the same data directory (as compose.yaml runs it)."""
+
+    def __init__(self, directory: Path, fsync: str = "always") -> None:
+        super().__init__(directory, ("--appendonly", "yes", "--appendfsync", fsync,
+                                     "--maxmemory-policy", "noeviction"))  # fmt: skip
+
+    def kill9(self) -> None:
+        self.stop()  # SIGKILL: no graceful save, only the append-only file survives
+
+    def stop_gracefully(self) -> None:
+        """SIGTERM, as `docker compose restart` sends: Redis flushes its append-only file."""
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def worker_env(broker_url: str, model_dir: Path, **settings: object) -> dict[str, str]:

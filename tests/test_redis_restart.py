@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis_fixtures import RedisServer, WorkerProcess, wait_until, worker_env
+from redis_fixtures import (
+    PersistentRedis,
+    RedisServer,
+    WorkerProcess,
+    retry_while_redis_down,
+    wait_until,
+    worker_env,
+)
 from tcp_proxy import TcpProxy, _reset
 
 from unmask.engine.request import GenerationRequest
@@ -29,7 +36,6 @@ from unmask.models.sampler_params import SamplerParams
 from unmask.settings import Settings
 from unmask.workers import protocol, recovery
 from unmask.workers.client import JobQueue
-from unmask.workers.protocol import BrokerUnavailable
 
 MODEL = "tiny"
 JOBS = 6
@@ -39,28 +45,18 @@ DONE_WITHIN_S = 30.0  # after the restart; the visibility timeout (600 s) is far
 VISIBILITY_S = 600
 
 
-class AofRedis(RedisServer):
-    """redis-server with the append-only file on, restartable on the same port."""
-
-    def __init__(self, directory: Path) -> None:
-        super().__init__(directory, ("--appendonly", "yes", "--appendfsync", "always"))
-
-    def stop_gracefully(self) -> None:
-        """SIGTERM, as `docker compose restart` sends: Redis flushes its append-only file."""
-        assert self.proc is not None
-        self.proc.terminate()
-        self.proc.wait(10)
+def _start_worker(broker_url: str, model_dir: Path, log: Path) -> WorkerProcess:
+    """One worker, CONCURRENCY jobs at a time, heartbeat 0.5 s, visibility timeout VISIBILITY_S."""
+    env = worker_env(broker_url, model_dir, heartbeat_s=0.5, max_batch=CONCURRENCY,
+                     visibility_timeout_s=VISIBILITY_S)  # fmt: skip
+    return WorkerProcess(
+        env, log, ("--model-name", MODEL, "--concurrency", str(CONCURRENCY))
+    ).start()
 
 
-def _retry(fn, timeout: float = 30.0):
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            return fn()
-        except (BrokerUnavailable, redis.RedisError):
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.1)
+def _settings(broker_url: str) -> Settings:
+    return Settings(broker_url=broker_url, model_name=MODEL, heartbeat_s=0.5,
+                    visibility_timeout_s=VISIBILITY_S)  # fmt: skip
 
 
 def _req(i: int) -> GenerationRequest:
@@ -70,7 +66,7 @@ def _req(i: int) -> GenerationRequest:
 
 @pytest.fixture
 def aof_redis(tmp_path):
-    server = AofRedis(tmp_path).start()
+    server = PersistentRedis(tmp_path).start()
     yield server
     server.stop()
 
@@ -78,12 +74,8 @@ def aof_redis(tmp_path):
 def test_jobs_running_through_a_redis_restart_complete_once_within_seconds(
     aof_redis, tiny_model_dir, tmp_path
 ):
-    settings = Settings(broker_url=aof_redis.url, model_name=MODEL, heartbeat_s=0.5,
-                        visibility_timeout_s=VISIBILITY_S)  # fmt: skip
-    env = worker_env(aof_redis.url, tiny_model_dir, heartbeat_s=0.5, max_batch=CONCURRENCY,
-                     visibility_timeout_s=VISIBILITY_S)  # fmt: skip
-    args = ("--model-name", MODEL, "--concurrency", str(CONCURRENCY))
-    worker = WorkerProcess(env, tmp_path / "worker.log", args).start()
+    settings = _settings(aof_redis.url)
+    worker = _start_worker(aof_redis.url, tiny_model_dir, tmp_path / "worker.log")
     try:
         with JobQueue(settings) as jobs:
             worker.wait_ready(lambda: jobs.live_workers(MODEL))
@@ -109,7 +101,9 @@ def _check_all_done_once(
 
     def all_done() -> bool:
         for j in ids:
-            if j not in done and _retry(lambda j=j: r.exists(protocol.result_key(j))):
+            if j not in done and retry_while_redis_down(
+                lambda j=j: r.exists(protocol.result_key(j))
+            ):
                 done[j] = time.monotonic() - t0
         return len(done) == len(ids)
 
@@ -187,12 +181,8 @@ def test_a_job_given_back_while_redis_is_unreachable_runs_again_within_seconds(
     server = RedisServer(tmp_path).start()
     try:
         with ConsumerSparingProxy("127.0.0.1", server.port) as link:
-            settings = Settings(broker_url=server.url, model_name=MODEL, heartbeat_s=0.5,
-                                visibility_timeout_s=VISIBILITY_S)  # fmt: skip
-            env = worker_env(link.url(), tiny_model_dir, heartbeat_s=0.5, max_batch=CONCURRENCY,
-                             visibility_timeout_s=VISIBILITY_S)  # fmt: skip
-            args = ("--model-name", MODEL, "--concurrency", str(CONCURRENCY))
-            worker = WorkerProcess(env, tmp_path / "worker.log", args).start()
+            settings = _settings(server.url)
+            worker = _start_worker(link.url(), tiny_model_dir, tmp_path / "worker.log")
             try:
                 with JobQueue(settings) as jobs:
                     worker.wait_ready(lambda: jobs.live_workers(MODEL))

@@ -25,7 +25,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis_fixtures import RedisServer, WorkerProcess, wait_until, worker_env
+from redis_fixtures import (
+    PersistentRedis,
+    WorkerProcess,
+    retry_while_redis_down,
+    wait_until,
+    worker_env,
+)
 from tcp_proxy import TcpProxy
 
 from unmask.client import Client, ServiceError
@@ -35,7 +41,6 @@ from unmask.service.server import ServerThread
 from unmask.settings import Settings
 from unmask.workers import protocol
 from unmask.workers.client import JobQueue
-from unmask.workers.protocol import BrokerUnavailable
 
 MODEL = "tiny"
 LIMITS = {"task_soft_time_limit_s": 6, "task_time_limit_s": 8, "visibility_timeout_s": 10}
@@ -63,18 +68,6 @@ def _slow_only_with_m_slow(request):
 
 
 # ---- infrastructure -------------------------------------------------------------------------
-class PersistentRedis(RedisServer):
-    """redis-server with the append-only file on (fsync on every write by default), restartable
-    on the same port with the same data directory."""
-
-    def __init__(self, directory: Path, fsync: str = "always") -> None:
-        super().__init__(directory, ("--appendonly", "yes", "--appendfsync", fsync,
-                                     "--maxmemory-policy", "noeviction"))  # fmt: skip
-
-    def kill9(self) -> None:
-        self.stop()  # SIGKILL: no graceful save, only the append-only file survives
-
-
 @pytest.fixture(scope="module")
 def aof_redis(tmp_path_factory):
     server = PersistentRedis(tmp_path_factory.mktemp("redis-aof")).start()
@@ -117,7 +110,7 @@ class Fleet:
         args = ("--model-name", MODEL, "--concurrency", str(CONCURRENCY))
         w = WorkerProcess(self.env, log, args).start()
         self.all.append(w)
-        w.wait_ready(lambda: _retry(lambda: self.jobs.live_workers(MODEL)))
+        w.wait_ready(lambda: retry_while_redis_down(lambda: self.jobs.live_workers(MODEL)))
         return w
 
     def alive(self) -> list[WorkerProcess]:
@@ -141,18 +134,6 @@ def fleet(proxy, tiny_model_dir, tmp_path_factory, jobs):
     f.start()
     yield f
     f.stop()
-
-
-def _retry(fn, timeout: float = 30.0):
-    """fn() again while Redis is unreachable (it is being restarted)."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            return fn()
-        except (BrokerUnavailable, redis.RedisError):
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.2)
 
 
 def _req(i: int, length: int = 48) -> GenerationRequest:
@@ -187,7 +168,7 @@ class Ledger:
         extra_allowed: dict[str, tuple[str, ...]] | None = None, fleet: Fleet | None = None,
     ) -> dict[str, dict]:  # fmt: skip
         """Wait for every accepted job's result, then check the exactly-once ledger."""
-        accepted = _retry(lambda: _status_ids(self.r)) - self.before
+        accepted = retry_while_redis_down(lambda: _status_ids(self.r)) - self.before
         missing = set(self.ids) - accepted
         assert not missing, f"submitted jobs without a status key: {missing}"
         end = time.monotonic() + timeout
@@ -195,14 +176,16 @@ class Ledger:
         for job_id in sorted(accepted):
             remaining = max(0.1, end - time.monotonic())
             try:
-                results[job_id] = _retry(lambda j=job_id, t=remaining: self.jobs.result(j, t))
+                results[job_id] = retry_while_redis_down(
+                    lambda j=job_id, t=remaining: self.jobs.result(j, t)
+                )
             except protocol.ResultTimeout:
-                status = _retry(lambda j=job_id: self.jobs.status(j))
+                status = retry_while_redis_down(lambda j=job_id: self.jobs.status(j))
                 logs = fleet.logs() if fleet is not None else ""
                 pytest.fail(f"job {job_id} lost: no result after {timeout}s ({status})\n{logs}")
         # settle: no message left queued or delivered-but-unacknowledged (kombu's `unacked`
         # hash), so a late duplicate run could not still add a completion after the check
-        wait_until(lambda: _retry(lambda: self.r.llen(protocol.queue_name(MODEL)) == 0
+        wait_until(lambda: retry_while_redis_down(lambda: self.r.llen(protocol.queue_name(MODEL)) == 0
                                   and self.r.hlen("unacked") == 0), 60, "the queue to drain")  # fmt: skip
         for job_id, res in results.items():
             ok = (extra_allowed or {}).get(job_id, allowed)
