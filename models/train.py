@@ -230,12 +230,8 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with AMX-BF16 or AVX512-BF16 (bf16 matmuls then run ~2x fp32; elsewhere
-    bf16 is emulated and slower). Read from /proc/cpuinfo, the flags `lscpu` shows."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+    bf16 is emulated and slower). The same check picks the inference dtype at load."""
+    return bool(checkpoint.cpu_bf16_flags())
 
 
 def use_bf16(device: torch.device, mode: str = "auto") -> bool:
