@@ -24,8 +24,7 @@ import time
 
 import pytest
 import redis
-from redis_fixtures import WorkerProcess, wait_until
-from test_reliability_faults import PersistentRedis
+from redis_fixtures import PersistentRedis, WorkerProcess, wait_until
 from test_reliability_input import ServeProcess, proc_memory
 
 from unmask.client import AsyncClient, Client, ServiceError

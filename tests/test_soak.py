@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis_fixtures import free_port, wait_until
-from test_reliability_faults import MODEL, Fleet, Ledger, PersistentRedis, _retry, _status_ids
+from redis_fixtures import PersistentRedis, free_port, retry_while_redis_down, wait_until
+from test_reliability_faults import MODEL, Fleet, Ledger, _status_ids
 
 from unmask.client import Client, ServiceError
 from unmask.workers import protocol
@@ -156,7 +156,7 @@ def _ledger(jobs: JobQueue, before: set[str], timeout: float = 300.0) -> dict[st
     during the soak has one terminal result, one completion, one final event, at most one run's
     payloads; none is missing once the queue and kombu's `unacked` hash have drained."""
     r = jobs._redis
-    wait_until(lambda: _retry(lambda: r.llen(protocol.queue_name(MODEL)) == 0
+    wait_until(lambda: retry_while_redis_down(lambda: r.llen(protocol.queue_name(MODEL)) == 0
                               and r.hlen("unacked") == 0), timeout, "the queue to drain")  # fmt: skip
     accepted = sorted(_status_ids(r) - before)
     wait_until(lambda: all(r.exists(protocol.result_key(j)) for j in accepted), 60,
@@ -262,7 +262,7 @@ def test_soak_mixed_traffic_with_worker_kills_and_a_redis_restart(tmp_path, tiny
             results = _ledger(jobs, ledger.before)
             r = redis.Redis.from_url(aof.url)
             for batch_id in traffic.batches:  # every accepted batch ends
-                wait_until(lambda b=batch_id: _retry(lambda: (r.hget(f"unmask:batch:{b}", "status")
+                wait_until(lambda b=batch_id: retry_while_redis_down(lambda: (r.hget(f"unmask:batch:{b}", "status")
                            or b"").decode() in ("completed", "cancelled", "failed")), 120,
                            f"batch {batch_id} to end")  # fmt: skip
             assert front.proc.poll() is None, "the front end died"
