@@ -150,6 +150,52 @@ def _masked_copies(
     return copies
 
 
+def _copies_loss(
+    model: nn.Module,
+    x0: Tensor,
+    copies: list[tuple[Tensor, Tensor, Tensor]],
+    mask_id: int,
+    block_size: int,
+    positions: Tensor | None,
+) -> tuple[Tensor, int]:
+    """One forward over [noisy copies ; x0] (the layout above). Each copy is (masked [B, L] bool:
+    input MASK there, targets [B, L] bool: a loss taken there, weight [B, L]). Returns (the
+    weighted cross-entropy summed over every copy, per row [B] float32; the number of targets)."""
+    B, L = x0.shape
+    shift = bool(getattr(model.config, "token_shift", False))
+    k = len(copies)
+    layout_pos, attn = _layout(L, block_size, k, str(x0.device))
+    if positions is not None:
+        layout_pos = positions.repeat(1, k + 1)  # [B, (k+1) L]: the same positions in every copy
+    ids = torch.cat(
+        [torch.where(m, torch.full_like(x0, mask_id), x0) for m, _, _ in copies] + [x0], 1
+    )
+
+    # gather only the outputs that carry a loss: per row, a padded list of source indices
+    rows_l, cols_l, src_l, w_l = [], [], [], []
+    for c, (_, target, w) in enumerate(copies):
+        rows, cols = target.nonzero(as_tuple=True)
+        rows_l.append(rows)
+        cols_l.append(cols)
+        src_l.append(source_index(cols, c, k, L, block_size, shift))
+        w_l.append(w[rows, cols])
+    rows, cols = torch.cat(rows_l), torch.cat(cols_l)
+    src, weight = torch.cat(src_l), torch.cat(w_l).float()
+    counts = torch.bincount(rows, minlength=B)  # [B] targets per row
+    K = max(int(counts.max()) if counts.numel() else 0, 1)
+    order = torch.argsort(rows, stable=True)
+    rows, cols, src, weight = rows[order], cols[order], src[order], weight[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=x0.device) - starts[rows]  # rank inside its row
+    out_index = torch.zeros(B, K, dtype=torch.long, device=x0.device)
+    out_index[rows, slot] = src
+
+    logits, _ = model(ids, positions=layout_pos, attn_mask=attn, out_index=out_index)  # [B, K, V]
+    ce = F.cross_entropy(logits[rows, slot].float(), x0[rows, cols], reduction="none")  # [N]
+    row_loss = torch.zeros(B, device=ce.device, dtype=torch.float32).index_add(0, rows, ce * weight)
+    return row_loss, int(rows.numel())
+
+
 def block_diffusion_loss(
     model: nn.Module,
     x0: Tensor,
@@ -174,43 +220,17 @@ def block_diffusion_loss(
         raise InvalidArgument(
             "need block_size >= 1 and 0 < t_min <= t_max <= 1", field="t_min", value=t_min
         )
-    B, L = x0.shape
-    shift = bool(getattr(model.config, "token_shift", False))
     copies = _masked_copies(
         x0, maskable, block_size, t_min, t_max, complementary, generator, t_fixed
     )
     k = len(copies)
-    layout_pos, attn = _layout(L, block_size, k, str(x0.device))
-    if positions is not None:
-        layout_pos = positions.repeat(1, k + 1)  # [B, (k+1) L]: the same positions in every copy
-    ids = torch.cat([torch.where(m, torch.full_like(x0, mask_id), x0) for m, _ in copies] + [x0], 1)
-
-    # gather only the outputs that carry a loss: per row, a padded list of source indices
-    rows_l, cols_l, src_l, w_l = [], [], [], []
-    for c, (m, t_pos) in enumerate(copies):
-        rows, cols = m.nonzero(as_tuple=True)
-        rows_l.append(rows)
-        cols_l.append(cols)
-        src_l.append(source_index(cols, c, k, L, block_size, shift))
-        w_l.append(1.0 / t_pos[rows, cols])
-    rows, cols = torch.cat(rows_l), torch.cat(cols_l)
-    src, weight = torch.cat(src_l), torch.cat(w_l).float()
-    counts = torch.bincount(rows, minlength=B)  # [B] targets per row
-    K = max(int(counts.max()) if counts.numel() else 0, 1)
-    order = torch.argsort(rows, stable=True)
-    rows, cols, src, weight = rows[order], cols[order], src[order], weight[order]
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rows.numel(), device=x0.device) - starts[rows]  # rank inside its row
-    out_index = torch.zeros(B, K, dtype=torch.long, device=x0.device)
-    out_index[rows, slot] = src
-
-    logits, _ = model(ids, positions=layout_pos, attn_mask=attn, out_index=out_index)  # [B, K, V]
-    ce = F.cross_entropy(logits[rows, slot].float(), x0[rows, cols], reduction="none")  # [N]
-    row_loss = torch.zeros(B, device=ce.device, dtype=torch.float32).index_add(0, rows, ce * weight)
+    row_loss, n_targets = _copies_loss(
+        model, x0, [(m, m, 1.0 / t_pos) for m, t_pos in copies], mask_id, block_size, positions
+    )
     row_loss = row_loss / k  # each copy is one estimate of the same NELBO
     row_tokens = maskable.sum(dim=1)
     loss = row_loss.sum() / row_tokens.sum().clamp(min=1)
-    return loss, LossStats(row_loss.detach(), row_tokens, torch.tensor(rows.numel()))
+    return loss, LossStats(row_loss.detach(), row_tokens, torch.tensor(n_targets))
 
 
 @torch.no_grad()
@@ -244,3 +264,26 @@ def block_nelbo(
     row = row * (1.0 - eps) / samples
     denom = n_tokens if n_tokens is not None else maskable.sum(dim=1)
     return float(row.sum() / denom.sum().clamp(min=1)), row
+
+
+@torch.no_grad()
+def block_order_nll(
+    model: nn.Module,
+    ids: Tensor,
+    maskable: Tensor,
+    mask_id: int,
+    *,
+    block_size: int,
+    positions: Tensor | None = None,
+) -> tuple[float, Tensor]:
+    """Exact NLL of `maskable` tokens when each block is decoded left to right, one token per
+    step (the default sampler's order): -sum log p(x_i | earlier blocks, the block's tokens left
+    of i). Unlike the NELBO (an average over random unmasking orders, an upper bound), this is the
+    likelihood of one decoding process, and no sampling is involved. One forward with
+    `block_size` noisy copies: copy j masks the maskable slots at offset >= j of every block and
+    takes the loss at offset j. Returns (nats per maskable token, row NLL [B] in nats)."""
+    offset = torch.arange(ids.shape[1], device=ids.device) % block_size  # [L] slot in its block
+    ones = torch.ones_like(ids, dtype=torch.float32)
+    copies = [(maskable & (offset >= j), maskable & (offset == j), ones) for j in range(block_size)]
+    row, _ = _copies_loss(model, ids, copies, mask_id, block_size, positions)
+    return float(row.sum() / maskable.sum().clamp(min=1)), row

@@ -260,9 +260,15 @@ def _check_corpus(corpus: Path, docs: dict[str, DocArray], vocab: Any) -> None:
 
 
 def _likelihood(
-    gen: Generator, docs: dict[str, DocArray], cfg: EvalConfig, seq_len: int, device
+    gen: Generator,
+    docs: dict[str, DocArray],
+    cfg: EvalConfig,
+    seq_len: int,
+    device,
+    left_to_right: bool = False,
 ) -> dict[str, float]:
-    """Nats per document token per modality, via training's own `evaluate` (same batches)."""
+    """Nats per document token per modality, via training's own `evaluate` (same batches);
+    `left_to_right`: a block-diffusion model's exact NLL in its left-to-right decoding order."""
     config = gen.model.config
     objective = {"causal": "ar", "block_causal": "block_diffusion"}.get(
         config.attention, "diffusion"
@@ -277,7 +283,8 @@ def _likelihood(
         eps=cfg.eps,
         seed=cfg.seed,
     )
-    return evaluate(gen.model, docs, SpecialIds.from_vocab(gen.vocab), train_cfg, device)
+    special = SpecialIds.from_vocab(gen.vocab)
+    return evaluate(gen.model, docs, special, train_cfg, device, left_to_right=left_to_right)
 
 
 def _batch_counts(docs: DocArray, modality: str, vocab, cfg: EvalConfig, seq_len: int):
@@ -429,6 +436,21 @@ def gap_nll(gen: Generator, ids: Tensor, gaps: Tensor, cfg: EvalConfig) -> float
         )  # fmt: skip
         total += float(stats.row_loss.sum())
     return total * (1.0 - cfg.eps) / cfg.t_samples / float(n)
+
+
+@torch.no_grad()
+def gap_order_nll(gen: Generator, ids: Tensor, gaps: Tensor) -> float:
+    """Nats per gap token of a block-diffusion model decoding the gap (in infill order, so it
+    sees both sides) left to right, one token per step: the exact NLL of that decoding process,
+    the default sampler's order for text and code (`block_order_nll`)."""
+    from unmask.models.block_diffusion import block_order_nll, reorder_for_infill
+
+    device = next(gen.model.parameters()).device
+    ids, gaps = ids.to(device), gaps.to(device)
+    z, maskable, pos = reorder_for_infill(ids, gaps, gaps, torch.ones(len(ids), dtype=torch.bool))
+    block_size = gen.model.config.block_size
+    mask_id = int(gen.vocab.mask_id)
+    return block_order_nll(gen.model, z, maskable, mask_id, block_size=block_size, positions=pos)[0]
 
 
 def infill_keeps_fixed(gen: Generator, ids: Tensor, gaps: Tensor, modality: str, cfg) -> float:
@@ -622,6 +644,8 @@ def _evaluate_model(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, An
     t0 = time.perf_counter()
     nats = _likelihood(gen, docs, cfg, seq_len, device)
     ar_nats = _likelihood(ar_gen, docs, cfg, seq_len, device) if ar_gen else {}
+    block = gen.model.config.attention == "block_causal"
+    ltr_nats = _likelihood(gen, docs, cfg, seq_len, device, left_to_right=True) if block else {}
     likelihood_s = time.perf_counter() - t0
 
     per_modality: dict[str, dict[str, Any]] = {}
@@ -634,6 +658,8 @@ def _evaluate_model(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, An
             row[key], row[ppl] = nats[m], _ppl(nats[m])
         if m in ar_nats:
             row["ar_nll_per_token"], row["ar_ppl"] = ar_nats[m], _ppl(ar_nats[m])
+        if m in ltr_nats:  # exact, in the default decoding order; the NELBO gates stay as asked
+            row["left_to_right_nll_per_token"] = ltr_nats[m]
         if cfg.n_samples:
             prompts = held_out_prompts(d, cfg.n_samples, cfg.prompt_tokens)
             reference = None
@@ -653,6 +679,8 @@ def _evaluate_model(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, An
             if len(ids):
                 row["infill"] = {"rows": len(ids), "gap": cfg.infill_gap,
                                  "gap_nll": gap_nll(gen, ids, gaps, cfg)}  # fmt: skip
+                if block:
+                    row["infill"]["gap_nll_left_to_right"] = gap_order_nll(gen, ids, gaps)
                 if ar_gen is not None:
                     row["infill"]["ar_left_only_gap_nll"] = gap_nll(ar_gen, ids, gaps, cfg)
                 if cfg.n_samples and not gen.is_ar:
@@ -719,10 +747,14 @@ def quality_gates(mods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                        "met": _meets(value, op, threshold)}  # fmt: skip
     for m in ("text", "code"):
         inf = (mods.get(m) or {}).get("infill") or {}
-        ours, ar = inf.get("gap_nll"), inf.get("ar_left_only_gap_nll")
+        # a block-diffusion model is judged by the exact NLL of its default (left-to-right)
+        # decoding of the gap; its NELBO (an upper bound over random orders) is kept beside it
+        ours = inf.get("gap_nll_left_to_right", inf.get("gap_nll"))
+        ar = inf.get("ar_left_only_gap_nll")
         gates[f"infill_gap_nll_vs_ar_left_only_{m}"] = {
             "value": ours, "op": "<=", "threshold": ar,
             "met": _meets(ours, "<=", ar) if ours is not None and ar is not None else None,
+            "nelbo": inf.get("gap_nll"),
         }  # fmt: skip
         kept = inf.get("fixed_kept_rate")
         gates[f"infill_fixed_kept_{m}"] = {"value": kept, "op": ">=", "threshold": 1.0,
@@ -777,6 +809,9 @@ def format_report(result: dict[str, Any]) -> str:
     has_ar = any("ar_ppl" in r for r in mods.values())
     if has_ar:
         head += f"{'AR NLL':>9}{'AR ppl':>10}"
+    has_ltr = any("left_to_right_nll_per_token" in r for r in mods.values())
+    if has_ltr:
+        head += f"{'L2R NLL':>9}"  # exact NLL decoding each block left to right
     lines.append(head)
     for m, r in mods.items():
         nat = r.get("nll_per_token", r.get("nelbo_per_token"))
@@ -784,6 +819,8 @@ def format_report(result: dict[str, Any]) -> str:
         line = f"{m:<9}{r['eval_docs']:>6}{r['eval_tokens']:>9}{_f(nat):>9}{_f(ppl, '.4g'):>10}"
         if has_ar:
             line += f"{_f(r.get('ar_nll_per_token')):>9}{_f(r.get('ar_ppl'), '.4g'):>10}"
+        if has_ltr:
+            line += f"{_f(r.get('left_to_right_nll_per_token')):>9}"
         lines.append(line)
 
     sampled = [(m, r) for m, r in mods.items() if "samples" in r]

@@ -34,7 +34,12 @@ from tqdm import tqdm
 from unmask.corpus.shards import load_split
 from unmask.errors import CheckpointError, InvalidArgument, VocabMismatch
 from unmask.models import checkpoint
-from unmask.models.block_diffusion import block_diffusion_loss, block_nelbo, reorder_for_infill
+from unmask.models.block_diffusion import (
+    block_diffusion_loss,
+    block_nelbo,
+    block_order_nll,
+    reorder_for_infill,
+)
 from unmask.models.data import BatchSampler, SpecialIds, eval_batches
 from unmask.models.network import Denoiser, ModelConfig
 from unmask.models.objective import (
@@ -312,11 +317,19 @@ def batch_loss(
 
 @torch.no_grad()
 def evaluate(
-    model: Denoiser, val_docs: dict, special: SpecialIds, cfg: TrainConfig, device: torch.device
+    model: Denoiser,
+    val_docs: dict,
+    special: SpecialIds,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    left_to_right: bool = False,
 ) -> dict[str, float]:
     """Nats per document token (content + EOS) on the validation split, per modality.
 
-    Diffusion: NELBO (an upper bound on the NLL); AR: the exact NLL. The numerator covers every
+    Diffusion: NELBO (an upper bound on the NLL); AR: the exact NLL; block diffusion with
+    `left_to_right`: the exact NLL of decoding each block left to right, one token per step
+    (`block_order_nll`). The numerator covers every
     position after BOS + tag, PAD tail included; charging it to the document tokens keeps both a
     proper bound on -log p(document) per token, comparable between the two objectives.
     """
@@ -339,6 +352,14 @@ def evaluate(
             with _autocast(device, cfg.autocast):
                 if cfg.objective == "ar":
                     _, rows = ar_nll(model, batch.ids, batch.target_mask)
+                elif cfg.objective == "block_diffusion" and left_to_right:
+                    _, rows = block_order_nll(
+                        model,
+                        batch.ids,
+                        batch.target_mask,
+                        special.mask,
+                        block_size=cfg.block_size,
+                    )
                 elif cfg.objective == "block_diffusion":
                     _, rows = block_nelbo(
                         model,

@@ -13,6 +13,7 @@ from unmask.models.block_diffusion import (
     _layout,
     block_diffusion_loss,
     block_nelbo,
+    block_order_nll,
     infill_order,
     reorder_for_infill,
 )
@@ -86,6 +87,29 @@ def test_block_size_one_with_token_shift_is_exactly_the_ar_loss():
     nelbo, _ = block_nelbo(bd, x, targets, MASK, block_size=1, samples=64, generator=g)
     nll, _ = ar_nll(ar, x, targets)
     assert abs(nelbo - nll) < 0.05 * nll
+
+
+def test_left_to_right_order_nll_is_the_sum_of_one_token_steps_of_the_plain_forward():
+    m = tiny(block_size=4)
+    x, targets = rows(2, 16)
+    _, row = block_order_nll(m, x, targets, MASK, block_size=4)
+    expected = torch.zeros(2)
+    for i in targets[0].nonzero().flatten().tolist():  # decode position i: its block's tokens
+        start = i - i % 4  # from i on are still MASK, earlier blocks are clean
+        z = x.clone()
+        z[:, i : start + 4] = torch.where(targets[:, i : start + 4], MASK, z[:, i : start + 4])
+        logp = m.logits(z)[:, i - 1].float().log_softmax(-1)  # token shift: output i-1 -> token i
+        expected -= logp.gather(1, x[:, i : i + 1]).squeeze(1) * targets[:, i]
+    assert torch.allclose(row, expected, atol=1e-4)
+
+
+def test_left_to_right_order_nll_at_block_size_one_is_the_ar_nll():
+    ar = tiny("causal", shift=False)
+    bd = tiny("block_causal", block_size=1, shift=True)
+    bd.load_state_dict(ar.state_dict())
+    x, targets = rows()
+    got, _ = block_order_nll(bd, x, targets, MASK, block_size=1)
+    assert abs(got - ar_nll(ar, x, targets)[0]) < 1e-4
 
 
 def test_complementary_copies_give_every_target_a_loss_once():

@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import math
+from pathlib import Path
 
 import mido
 import numpy as np
@@ -226,3 +227,29 @@ def test_evaluate_ar_model_alone(tiny):
     assert row["nll_per_token"] > 0 and row["ppl"] > 1 and "nelbo_per_token" not in row
     with pytest.raises(InvalidArgument):
         evaluate_model(EvalConfig(model=str(ar), corpus=str(corpus), gen_length=62, steps=31))
+
+
+def test_a_block_diffusion_model_reports_its_left_to_right_nll_and_gates_infill_on_it(tiny, vocab):
+    corpus, _, ar = tiny
+    bd = train(
+        TrainConfig(
+            corpus=str(corpus), d_model=32, n_layers=1, n_heads=2, seq_len=64, batch_size=4,
+            max_steps=2, warmup_steps=1, eval_every=0, eval_batches=1, eval_samples=1,
+            ckpt_every=0, num_threads=1, device="cpu", objective="block_diffusion",
+            block_size=4, token_shift=True, out=str(Path(corpus).parent / "bd"),
+        ),
+        vocab=vocab,
+        progress=False,
+    )  # fmt: skip
+    cfg = EvalConfig(
+        model=str(bd), ar_model=str(ar), corpus=str(corpus), modalities=("text",), batches=1,
+        batch_size=2, t_samples=2, n_samples=0, infill_rows=2, infill_gap=2, function_headers=0,
+    )  # fmt: skip
+    res = evaluate_model(cfg)
+    row = res["modalities"]["text"]
+    assert row["left_to_right_nll_per_token"] > 0 and row["nelbo_per_token"] > 0
+    inf = row["infill"]
+    gate = res["gates"]["infill_gap_nll_vs_ar_left_only_text"]
+    assert gate["value"] == inf["gap_nll_left_to_right"] and gate["nelbo"] == inf["gap_nll"]
+    assert gate["threshold"] == inf["ar_left_only_gap_nll"] and gate["met"] in (True, False)
+    assert "L2R NLL" in format_report(res)
