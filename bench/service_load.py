@@ -76,18 +76,24 @@ async def grpc_load(target: str, args: argparse.Namespace, concurrency: int) -> 
     return _summary(lat, errors, tokens, wall, concurrency)
 
 
-async def grpc_wave(target: str, n: int, timeout: float) -> dict[str, Any]:
+async def grpc_wave(target: str, n: int, timeout: float, stream: bool = False) -> dict[str, Any]:
     """`n` requests at the model's defaults, all sent at t = 0 (a closed wave): wall time until
-    the last one is back, and content tokens (less the EOS that ended a request)."""
+    the last one is back, and content tokens (less the EOS that ended a request). `stream`:
+    GenerateStream calls, every step event relayed to the client; else unary Generate calls
+    (only the final result travels)."""
     from unmask.client import AsyncClient
 
     async with AsyncClient(target, timeout=timeout) as client:
 
         async def one(i: int) -> tuple[float, int]:
             prompt = PROMPTS[i % len(PROMPTS)]
+            modality = "code" if "\n" in prompt else "text"
             t = time.perf_counter()
-            gen = await client.generate(prompt, modality="code" if "\n" in prompt else "text",
-                                        seed=i)  # fmt: skip
+            if stream:
+                async for event in client.stream(prompt, modality=modality, seed=i):
+                    gen = event.get("generation", None)
+            else:
+                gen = await client.generate(prompt, modality=modality, seed=i)
             toks = int(gen.usage.get("generated_tokens", 0))
             toks -= gen.usage.get("finish_reason") == "eos"
             return time.perf_counter() - t, toks
@@ -101,15 +107,15 @@ async def grpc_wave(target: str, n: int, timeout: float) -> dict[str, Any]:
             **percentiles(lat)}  # fmt: skip
 
 
-def waves(target: str, args: argparse.Namespace, log=print) -> dict[str, Any]:
+def waves(target: str, args: argparse.Namespace, log=print, stream: bool = False) -> dict[str, Any]:
     """Concurrency 1 (median of 3 single requests), then waves of 8 and 32 at once."""
-    asyncio.run(grpc_wave(target, 2, args.time_limit))  # warm-up (model load, first steps)
-    singles = sorted((asyncio.run(grpc_wave(target, 1, args.time_limit)) for _ in range(3)),
-                     key=lambda r: r["wall_s"])  # fmt: skip
+    asyncio.run(grpc_wave(target, 2, args.time_limit, stream))  # warm-up (model load, first steps)
+    singles = sorted((asyncio.run(grpc_wave(target, 1, args.time_limit, stream))
+                      for _ in range(3)), key=lambda r: r["wall_s"])  # fmt: skip
     out: dict[str, Any] = {"c1": singles[1]}
     for n in (8, 32):
-        out[f"c{n}"] = asyncio.run(grpc_wave(target, n, args.time_limit))
-        log(f"wave c{n}: {out[f'c{n}']}")
+        out[f"c{n}"] = asyncio.run(grpc_wave(target, n, args.time_limit, stream))
+        log(f"wave c{n}{' (streamed)' if stream else ''}: {out[f'c{n}']}")
     one = out["c1"]
     out["wall_c8_over_c1"] = out["c8"]["wall_s"] / one["wall_s"]
     out["tokens_per_s_c32_over_c1"] = out["c32"]["tokens_per_s"] / one["tokens_per_s"]
@@ -246,9 +252,13 @@ def main(argv: list[str] | None = None, log=print) -> dict[str, Any]:
         extra = {"UNMASK_MAX_BATCH": "32"}
         with redis_and_worker(args, extra) as url, server(args, {"UNMASK_BROKER_URL": url}) as tgt:
             report["celery_waves"] = waves(tgt, args, log)
-        w = report["celery_waves"]
-        log(f"gRPC -> Redis -> worker: c8 wall / c1 wall = {w['wall_c8_over_c1']:.2f}, "
-            f"c32 tok/s / c1 tok/s = {w['tokens_per_s_c32_over_c1']:.2f}")  # fmt: skip
+            # the same waves as GenerateStream calls: what relaying every step event costs
+            report["celery_waves_streamed"] = waves(tgt, args, log, stream=True)
+        for key in ("celery_waves", "celery_waves_streamed"):
+            w = report[key]
+            log(f"gRPC -> Redis -> worker ({key}): c8 wall / c1 wall = "
+                f"{w['wall_c8_over_c1']:.2f}, c32 tok/s / c1 tok/s = "
+                f"{w['tokens_per_s_c32_over_c1']:.2f}")  # fmt: skip
     if args.waves_only:
         _write(report, args, log)
         return report

@@ -423,9 +423,12 @@ class Engine:
             block_pos = state.blocks[block_before]
             event = state.finish_step(draw, *sampled)
             self._observe("job_step", int(event.committed_positions.numel()))
-            _emit_step(a, event)
-            if state.done or state.block != block_before:
-                self._emit_block(a, block_before, block_pos)
+            if a.handle.request.return_tokens:
+                _record_tokens(a, event)
+            if a.handle.request.progress:
+                _emit_step(a, event)
+                if state.done or state.block != block_before:
+                    self._emit_block(a, block_before, block_pos)
         except Exception as exc:
             self._fail(a, exc, "step")
             return False
@@ -521,9 +524,6 @@ def _record_tokens(a: _Active, ev: StepEvent) -> None:
 
 
 def _emit_step(a: _Active, ev: StepEvent) -> None:
-    if a.handle.request.return_tokens:
-        _record_tokens(a, ev)
-
     def triples(pos, ids, conf) -> list[list]:
         return [[int(p), int(i), round(float(c), 4)] for p, i, c in
                 zip(pos.tolist(), ids.tolist(), conf.tolist(), strict=True)]  # fmt: skip

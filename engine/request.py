@@ -130,6 +130,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()  # text/code: the output ends before the first of these
     return_tokens: bool = False  # the result carries each generated token and its confidence
     chat: tuple[tuple[str, str], ...] = ()  # (role, content) messages: the model's chat template
+    # step and block events while it runs; False (a unary call, a batch item: nobody watches)
+    # sends only `accepted` and the final result, sparing each step an event per job
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -186,8 +189,9 @@ class GenerationRequest:
                                       field=f"stop[{i}]", value=text)  # fmt: skip
         if stop and self.modality == "midi":
             raise InvalidArgument("stop strings are for text and code", field="stop")
-        if not isinstance(self.return_tokens, bool):
-            raise InvalidArgument("must be true or false", field="return_tokens")
+        for name in ("return_tokens", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgument("must be true or false", field=name)
         if self.chat:
             _check_chat(self)
         if self.midi_settings is not None:
@@ -216,6 +220,7 @@ class GenerationRequest:
             "stop": list(self.stop),
             "return_tokens": self.return_tokens,
             "chat": [list(m) for m in self.chat],
+            "progress": self.progress,
         }
 
     @classmethod
@@ -247,6 +252,7 @@ class GenerationRequest:
             stop=tuple(d.get("stop") or ()),
             return_tokens=bool(d.get("return_tokens", False)),
             chat=tuple(tuple(m) for m in d.get("chat") or ()),
+            progress=bool(d.get("progress", True)),
         )
 
 

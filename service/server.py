@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
@@ -128,8 +129,6 @@ def _tls_pair(cert: str, key: str) -> tuple[bytes, bytes]:
 
 def _samples(req: Any, n: int) -> list[Any]:
     """n copies of a request, each its own job, with seeds seed, seed+1, ..."""
-    import dataclasses
-
     from unmask.engine.request import new_job_id
 
     seeds = [req.params.seed + i for i in range(n)]
@@ -251,7 +250,7 @@ class UnmaskServicer(pb_grpc.UnmaskServicer):
                 self._cancel_soon(job_id)
 
     async def _run_one(self, req: Any) -> pb.GenerateResponse:
-        job_id = await self._submit(req)
+        job_id = await self._submit(dataclasses.replace(req, progress=False))  # final event only
         log.info("job %s: %s %s", job_id, req.kind, req.modality)
         async with contextlib.aclosing(self._follow(job_id)) as events:
             async for event in events:

@@ -117,6 +117,24 @@ def test_events_arrive_in_order_and_commit_everything(generator):
     assert events[-1]["result"].status == SUCCEEDED
 
 
+def test_a_job_nobody_watches_sends_no_progress_and_the_same_result(generator):
+    params = SamplerParams(gen_length=16, steps=8, block_length=8, stop_at_eos=False, seed=4)
+    watched = GenerationRequest("text", prompt="Hi", params=params, return_tokens=True)
+    quiet = GenerationRequest("text", prompt="Hi", params=params, return_tokens=True,
+                              progress=False)  # fmt: skip
+    with Engine(generator) as engine:
+        a = list(engine.submit(watched).events(timeout=60))
+        b = list(engine.submit(quiet).events(timeout=60))
+    assert [e["type"] for e in b] == ["accepted", "final"]
+    ra, rb = a[-1]["result"], b[-1]["result"]
+    assert rb.status == SUCCEEDED and rb.output_text == ra.output_text
+    assert rb.tokens == ra.tokens and len(rb.tokens) == 16  # return_tokens does not need events
+    with pytest.raises(InvalidArgument) as err:
+        GenerationRequest("text", prompt="Hi", progress="no")
+    assert err.value.field == "progress"
+    assert GenerationRequest.from_dict(quiet.to_dict()).progress is False
+
+
 def test_cancel_ends_a_running_job(generator):
     req = GenerationRequest("text", params=SamplerParams(gen_length=200, steps=200))
     with Engine(generator) as engine:

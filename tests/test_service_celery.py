@@ -102,6 +102,22 @@ def test_generate_stream_and_midi_through_a_worker(client):
     assert err.value.code == "NOT_FOUND" and bad
 
 
+def test_a_unary_call_sends_no_step_events_through_redis(client, settings):
+    import redis
+
+    from unmask.workers.protocol import decode_event, events_key
+
+    g = client.generate("Once", seed=3, gen_length=8, steps=4, block_length=4)
+    assert g.usage["generated_tokens"] == 8
+    r = redis.Redis.from_url(settings.broker_url)
+    kinds = [decode_event(f)["type"] for _, f in r.xrange(events_key(g.job_id))]
+    r.close()
+    assert kinds == ["accepted", "final"]  # nobody watches a unary call: no step, no block
+    streamed = list(client.stream("Once", seed=3, gen_length=8, steps=4, block_length=4))
+    assert [e["type"] for e in streamed].count("step") == 4  # a stream still sees every step
+    assert streamed[-1]["generation"].text == g.text  # and the same tokens
+
+
 def test_a_cancelled_call_cancels_the_job_on_the_worker(client, server):
     events = client.stream("x", gen_length=200, steps=200, stop_at_eos=False)
     job_id = next(events)["job_id"]
