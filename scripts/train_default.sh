@@ -14,6 +14,7 @@
 #   scripts/train_default.sh stage2      # after stopping stage 1
 #   scripts/train_default.sh stage3      # continue both shipped models on new batches (seed 13)
 #   scripts/train_default.sh stage4      # a further cycle, code-heavier mix (seed 14)
+#   scripts/train_default.sh stage5      # a further cycle, code and MIDI 1.5x text (seed 15)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -50,6 +51,10 @@ case "${1:-}" in
     # another cosine cycle (4e-4 -> 4e-5) from the stage-3 models, code twice as likely as text
     # or MIDI (code gates lag most), again on identical batches (seed 14)
     run_pair stage4 ;;
+  stage5)
+    # another cosine cycle (4e-4 -> 4e-5) from the stage-4 models; code and MIDI 1.5x as likely
+    # as text (the MIDI entropy/duration and code gates are the nearest to their thresholds)
+    run_pair stage5 ;;
   *)
-    echo "usage: $0 stage1|stage2|stage3|stage4" >&2; exit 2 ;;
+    echo "usage: $0 stage1|stage2|stage3|stage4|stage5" >&2; exit 2 ;;
 esac
