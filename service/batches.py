@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -548,6 +549,8 @@ class BatchRunner:
         for i, item in enumerate(items):
             try:
                 request = GenerationRequest.from_dict(item["request"])
+                # nobody watches a batch item: no step events through the Engine and Redis
+                request = dataclasses.replace(request, progress=False)
                 await self.dispatcher.submit(request, events=False)
             except UnmaskError as exc:
                 if exc.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE"):  # back-pressure: later

@@ -8,7 +8,6 @@ Stream with an asyncio Redis client, so a waiting stream holds no thread. Torch-
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import json
 import logging
@@ -96,8 +95,6 @@ class CeleryDispatcher(Dispatcher):
 
     async def submit(self, request: GenerationRequest, *, events: bool = True) -> str:
         await self.check_model(request.model)
-        if not events:  # nobody reads its progress: the Engine need not send any
-            request = dataclasses.replace(request, progress=False)
         return await self._call(self.queue.submit, request)
 
     async def _final(self, job_id: str) -> dict[str, Any]:

@@ -12,7 +12,6 @@ always `{"type": "final", "result": GenerationResult}` (engine/result.py).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -238,8 +237,6 @@ class LocalDispatcher(Dispatcher):
 
     async def submit(self, request: GenerationRequest, *, events: bool = True) -> str:
         await self.check_model(request.model)
-        if not events:  # nobody reads its progress: the Engine need not send any
-            request = dataclasses.replace(request, progress=False)
         engine = self._running()
         handle = engine.submit(request)  # QueueFull when the Engine's queue is full
         job = _LocalJob(handle, asyncio.get_running_loop(), events, self._forget)
