@@ -35,12 +35,12 @@ from torch import Tensor
 from unmask.errors import InvalidArgument
 from unmask.models.block_diffusion import gap_runs, infill_order
 from unmask.models.canvas import Canvas, Fixed, Masked, Segment
+from unmask.models.constraints import SamplerVocab
 from unmask.models.network import KVCache
 from unmask.models.sampler import (
     Draw,
     SampleResult,
     SamplerState,
-    SamplerVocab,
     StepEvent,
     StepInputs,
     kv_keep,
@@ -135,10 +135,7 @@ class BlockCausalState(SamplerState):
         # the parent's blocks follow params.block_length; ours follow the model's grid
         super().__init__(canvas, replace(params, block_length=None), vocab, device=device)
         self.params = params
-        if self.rope_positions is not None:  # the grammar reads left only while slots are linked
-            rope = self.rope_positions
-            self.linked[1:] = rope[1:] == rope[:-1] + 1
-            self.linked[0] = False
+        self.canvas_index = self.rope_positions  # the grammar reads neighbours in canvas order
         self.block_size = block_size
         self.token_shift = token_shift
         self.blocks = grid_blocks(torch.nonzero(~self.layout.fixed).flatten(), block_size)

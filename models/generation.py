@@ -19,9 +19,9 @@ import torch
 from unmask.errors import InvalidArgument, MidiError, NoNotesGenerated
 from unmask.models import checkpoint
 from unmask.models.canvas import Canvas, Fixed, Masked, Segment
+from unmask.models.constraints import SamplerVocab
 from unmask.models.sampler import (
     SampleResult,
-    SamplerVocab,
     StepEvent,
     generate,
     generate_ar,

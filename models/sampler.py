@@ -18,216 +18,25 @@ engine runs once for all its jobs) -> `finish_step` (commit, remask, the step's 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from unmask.errors import InvalidArgument
 from unmask.models.canvas import Canvas, CanvasLayout, Masked
+from unmask.models.constraints import (
+    ConstraintTables,
+    SamplerVocab,
+    apply_constraints,
+    apply_pinned,
+    pin_masks,
+)
 from unmask.models.network import KVCache
 from unmask.models.sampler_params import ARParams, SamplerParams
 
 FINISH_REASONS = ("length", "eos", "max_steps")
-# MIDI token types after which the next pitch belongs to another onset (or track): a pitch may
-# repeat across them, not inside the run of notes between two of them
-MIDI_ONSET_TYPES = ("Position", "Bar", "TimeSig", "Tempo", "Track_Start", "Track_End", "Program")
-# ... and those that start a bar (its time signature follows the bar line in our encoding)
-MIDI_BAR_TYPES = ("Bar", "TimeSig", "Track_Start", "Track_End", "Program")
-
-
-# ---------------------------------------------------------------------------------------------
-# Vocabulary view and constraint tables
-# ---------------------------------------------------------------------------------------------
-
-
-def _as_tensor(x: Any, dtype: torch.dtype) -> Tensor:
-    return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=dtype)
-
-
-@dataclass(frozen=True, eq=False)
-class SamplerVocab:
-    """The few vocabulary facts the sampler needs, as plain ids and arrays (no tokenizer import).
-
-    modality_masks:    name -> bool (V,) ids allowed in a span of that modality (EOS included).
-    midi_type_of_id:   int (V,) MIDI token type of each id, -1 for non-MIDI ids.
-    midi_allowed_next: bool (n_types, n_types): type b may follow type a.
-    grammar_modality:  spans of this modality (or these modalities) get the MIDI grammar mask.
-    midi_onsets:       what the grammar needs to keep a bar's notes in time order and free of
-                       duplicates (`MidiOnsets`); None = off.
-    """
-
-    mask_id: int
-    eos_id: int
-    pad_id: int
-    modality_masks: Mapping[str, Any] = field(default_factory=dict)
-    midi_type_of_id: Any = None
-    midi_allowed_next: Any = None
-    grammar_modality: str | tuple[str, ...] = ("midi", "midi_bar", "midi_notes")
-    midi_onsets: MidiOnsets | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("mask_id", "eos_id", "pad_id"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise InvalidArgument("must be a non-negative token id", field=name, value=value)
-        masks = {k: _as_tensor(v, torch.bool).flatten() for k, v in self.modality_masks.items()}
-        object.__setattr__(self, "modality_masks", masks)
-        if (self.midi_type_of_id is None) != (self.midi_allowed_next is None):
-            raise InvalidArgument(
-                "give both midi_type_of_id and midi_allowed_next, or neither",
-                field="midi_allowed_next",
-            )
-        if self.midi_type_of_id is not None:
-            types = _as_tensor(self.midi_type_of_id, torch.long).flatten()
-            nxt = _as_tensor(self.midi_allowed_next, torch.bool)
-            n = int(types.max()) + 1 if types.numel() else 0
-            if nxt.dim() != 2 or nxt.shape[0] != nxt.shape[1] or nxt.shape[0] < n:
-                raise InvalidArgument(
-                    f"must be a square (n_types, n_types) matrix with n_types >= {n}",
-                    field="midi_allowed_next",
-                    value=tuple(nxt.shape),
-                )
-            object.__setattr__(self, "midi_type_of_id", types)
-            object.__setattr__(self, "midi_allowed_next", nxt)
-
-    @classmethod
-    def from_vocab(
-        cls, vocab: Any, modalities: Sequence[str] = ("text", "code", "midi")
-    ) -> SamplerVocab:
-        """From any object with the unified vocabulary's interface (duck-typed: pad_id, mask_id,
-        eos_id, modality_mask(m), midi_type_of_id(), midi_allowed_next())."""
-        masks = {m: vocab.modality_mask(m) for m in modalities}
-        type_of = np.asarray(vocab.midi_type_of_id())
-        names = list(getattr(vocab, "midi_types", []))
-        if "midi" in masks and hasattr(vocab, "midi_structural_mask"):
-            # "midi_bar": the notes inside a bar whose structure (track, program, bar line, time
-            # signature) is given — no structural tokens and no EOS, so a gap cannot close early
-            bar = masks["midi"] & ~vocab.midi_structural_mask()
-            bar[int(vocab.eos_id)] = False
-            masks["midi_bar"] = bar
-            # "midi_notes": the same without tempo changes, for bars of a piece whose tempo is
-            # fixed (settings, a continuation): the piece keeps the one tempo it was given
-            if "Tempo" in names:
-                masks["midi_notes"] = bar & (type_of != names.index("Tempo"))
-        return cls(
-            mask_id=int(vocab.mask_id),
-            eos_id=int(vocab.eos_id),
-            pad_id=int(vocab.pad_id),
-            modality_masks=masks,
-            midi_type_of_id=type_of,
-            midi_allowed_next=vocab.midi_allowed_next(),
-            midi_onsets=MidiOnsets.from_vocab(vocab) if "Pitch" in names else None,
-        )
-
-    @property
-    def modality_rows(self) -> dict[str | None, int]:
-        """Row of each modality in ConstraintTables.allowed; row 0 = unconstrained."""
-        rows: dict[str | None, int] = {None: 0}
-        rows.update({name: i + 1 for i, name in enumerate(self.modality_masks)})
-        return rows
-
-    def tables(self, vocab_size: int, device: torch.device | str = "cpu") -> ConstraintTables:
-        """Constraint tensors sized to the model's logits (a padded model vocab is allowed)."""
-
-        def fit(x: Tensor, fill: int | bool) -> Tensor:
-            if x.numel() > vocab_size:
-                raise InvalidArgument(
-                    f"vocabulary array of size {x.numel()} exceeds the model's {vocab_size} logits",
-                    field="vocab",
-                    value=x.numel(),
-                )
-            out = torch.full((vocab_size,), fill, dtype=x.dtype)
-            out[: x.numel()] = x
-            return out
-
-        for name in ("mask_id", "eos_id", "pad_id"):
-            if getattr(self, name) >= vocab_size:
-                raise InvalidArgument(
-                    f"must be < the model's vocab size {vocab_size}",
-                    field=name,
-                    value=getattr(self, name),
-                )
-        base = torch.ones(vocab_size, dtype=torch.bool)
-        base[self.mask_id] = False  # MASK is the absorbing state, never an output
-        base[self.pad_id] = False  # PAD only ever comes from EOS truncation
-        rows = [base] + [fit(m, False) & base for m in self.modality_masks.values()]
-        type_of = next_ok = None
-        if self.midi_type_of_id is not None:
-            type_of = fit(self.midi_type_of_id, -1).to(device)
-            next_ok = self.midi_allowed_next.to(device)
-        names = (
-            (self.grammar_modality,)
-            if isinstance(self.grammar_modality, str)
-            else self.grammar_modality
-        )
-        grammar_rows = [self.modality_rows[n] for n in names if n in self.modality_rows]
-        grammar_row = (
-            torch.tensor(grammar_rows, dtype=torch.long, device=device) if grammar_rows else None
-        )
-        onsets = self.midi_onsets
-        if onsets is not None and next_ok is not None:
-            n_types = next_ok.shape[0]
-            onsets = MidiOnsets(
-                onsets.pitch_type,
-                _type_flags(onsets.onset_types, n_types, device),
-                _type_flags(onsets.bar_types, n_types, device),
-                fit(_as_tensor(onsets.position_of, torch.long), -1).to(device),
-                fit(_as_tensor(onsets.bar_positions, torch.long), 0).to(device),
-            )
-        return ConstraintTables(torch.stack(rows).to(device), type_of, next_ok, grammar_row, onsets)
-
-
-@dataclass(frozen=True, eq=False)
-class ConstraintTables:
-    allowed: Tensor  # bool [n_modalities + 1, V]; row 0 = unconstrained
-    type_of_id: Tensor | None  # long [V], -1 for non-MIDI ids
-    allowed_next: Tensor | None  # bool [n_types, n_types]
-    grammar_row: Tensor | None  # long [k]: modality rows whose positions get the grammar mask
-    onsets: MidiOnsets | None = None  # as tensors: onset/bar_types are bool [n_types] flags
-
-
-@dataclass(frozen=True, eq=False)
-class MidiOnsets:
-    """The MIDI facts behind the onset rules of the grammar (`onset_mask`): in a bar, positions
-    only move forward and stay inside the bar, and a pitch sounds once per onset."""
-
-    pitch_type: int
-    onset_types: Any  # types that end one onset's notes (ids of types, or bool [n_types] flags)
-    bar_types: Any  # types that end a bar's onsets (bar line, time signature, track)
-    position_of: Any  # int (V,): onset in the bar of each Position id, -1 for other ids
-    bar_positions: Any  # int (V,): positions in a bar of each TimeSig id, 0 for other ids
-
-    @classmethod
-    def from_vocab(cls, vocab: Any) -> MidiOnsets:
-        names = list(vocab.midi_types)
-        position_of = np.full(vocab.size, -1, dtype=np.int64)
-        bar_positions = np.zeros(vocab.size, dtype=np.int64)
-        per_beat = int(vocab.midi.config.positions_per_beat)  # a beat is the denominator's note
-        base = vocab.ranges.midi_start
-        for i, token in enumerate(vocab.midi.tokens):
-            kind, _, value = token.partition("_")
-            if kind == "Position":
-                position_of[base + i] = int(value)
-            elif kind == "TimeSig":
-                bar_positions[base + i] = int(value.split("/")[0]) * per_beat
-        return cls(
-            names.index("Pitch"),
-            tuple(names.index(t) for t in MIDI_ONSET_TYPES if t in names),
-            tuple(names.index(t) for t in MIDI_BAR_TYPES if t in names),
-            position_of,
-            bar_positions,
-        )
-
-
-def _type_flags(types: Sequence[int], n_types: int, device: torch.device | str) -> Tensor:
-    flags = torch.zeros(n_types, dtype=torch.bool, device=device)
-    flags[list(types)] = True
-    return flags
-
 
 # ---------------------------------------------------------------------------------------------
 # Step pipeline
@@ -451,147 +260,6 @@ def split_outputs(
         n = batch.n_out[row] if batch.n_out else width
         out.append((logits[row, :n], row_cache))
     return out
-
-
-def grammar_mask(
-    positions: Tensor, ids: Tensor, masked: Tensor, tables: ConstraintTables
-) -> Tensor:
-    """bool [N, V]: MIDI ids whose type may follow the committed left neighbour and precede the
-    committed right neighbour. Non-MIDI ids are left to the modality mask; an unknown (masked)
-    or non-MIDI neighbour does not constrain."""
-    assert tables.type_of_id is not None and tables.allowed_next is not None
-    type_of, nxt = tables.type_of_id, tables.allowed_next
-    is_midi = type_of >= 0  # [V]
-    id_type = type_of.clamp(min=0)
-    T = ids.numel()
-    ok = torch.ones(positions.numel(), type_of.numel(), dtype=torch.bool, device=ids.device)
-
-    left = positions - 1
-    has_left = left >= 0
-    left_c = left.clamp(min=0)
-    left_type = type_of[ids[left_c]]
-    has_left &= ~masked[left_c] & (left_type >= 0)
-    if bool(has_left.any()):
-        follows = nxt[left_type[has_left]][:, id_type]  # [n, V]: type(id) may follow left
-        ok[has_left] &= follows | ~is_midi
-
-    right = positions + 1
-    has_right = right < T
-    right_c = right.clamp(max=T - 1)
-    right_type = type_of[ids[right_c]]
-    has_right &= ~masked[right_c] & (right_type >= 0)
-    if bool(has_right.any()):
-        precedes = nxt[:, right_type[has_right]].T[:, id_type]  # [n, V]: right may follow id
-        ok[has_right] &= precedes | ~is_midi
-    return ok
-
-
-def onset_mask(
-    positions: Tensor,
-    ids: Tensor,
-    masked: Tensor,
-    tables: ConstraintTables,
-    linked: Tensor | None = None,
-) -> Tensor:
-    """bool [N, V]: the onset rules of the MIDI grammar, from the committed tokens left of each
-    position back to its bar line: no pitch already written at the current onset (a duplicate
-    note), no Position at or before the bar's latest one (time runs backwards: notes pile up on
-    earlier ones), none past the bar's end (from its time signature). A masked token on the way
-    leaves what lies beyond it unknown, and unconstrained. `linked` [T] (default all True): slot
-    j-1 is the canvas position before slot j (false where an infill-ordered canvas jumps).
-    Walks only positions whose left neighbour is committed (few per step)."""
-    rules = tables.onsets
-    assert tables.type_of_id is not None and rules is not None
-    ok = torch.ones(positions.numel(), tables.type_of_id.numel(), dtype=torch.bool,
-                    device=ids.device)  # fmt: skip
-    type_of = tables.type_of_id[ids].tolist()  # [T] one lookup, walked in Python
-    position_of = rules.position_of[ids].tolist()
-    open_ = masked.tolist()
-    link = linked.tolist() if linked is not None else [True] * len(open_)
-    onset, bar = rules.onset_types.tolist(), rules.bar_types.tolist()
-    is_position = rules.position_of >= 0  # [V]
-    for row, p in enumerate(positions.tolist()):
-        pitches: list[int] = []
-        in_onset, latest, bar_len = True, -1, 0
-        j = p - 1
-        while j >= 0 and link[j + 1] and not open_[j] and type_of[j] >= 0:
-            t = type_of[j]
-            if in_onset and onset[t]:
-                in_onset = False
-                if pitches:  # the onset's notes so far, all known
-                    ok[row, pitches] = False
-            elif in_onset and t == rules.pitch_type:
-                pitches.append(int(ids[j]))
-            latest = max(latest, position_of[j])
-            if bar[t]:
-                bar_len = int(rules.bar_positions[ids[j]])
-                break
-            j -= 1
-        if latest >= 0:
-            ok[row] &= ~is_position | (rules.position_of > latest)
-        if bar_len > 0:
-            ok[row] &= ~is_position | (rules.position_of < bar_len)
-    return ok
-
-
-def apply_constraints(
-    logits: Tensor,
-    positions: Tensor,
-    ids: Tensor,
-    masked: Tensor,
-    modality_rows: Tensor,
-    tables: ConstraintTables,
-    grammar: bool = True,
-    linked: Tensor | None = None,
-) -> Tensor:
-    """Set to -inf every logit the position may not take.
-
-    logits [N, V] belong to canvas `positions` [N]; `ids`/`masked` [T] are the current canvas and
-    which of its positions are still open; `modality_rows` [T] index `tables.allowed`. MASK and PAD
-    are never allowed. In a grammar span the MIDI grammar narrows the modality mask, unless that
-    would leave nothing (a neighbour pair the grammar cannot bridge): then the modality mask
-    alone; then `onset_mask` (which reads `linked`) narrows it further, unless that would leave
-    nothing.
-    """
-    allowed = tables.allowed[modality_rows[positions]]  # [N, V]
-    if grammar and tables.type_of_id is not None and tables.grammar_row is not None:
-        in_span = torch.isin(modality_rows[positions], tables.grammar_row)
-        if bool(in_span.any()):
-            at = positions[in_span]
-            g = allowed[in_span] & grammar_mask(at, ids, masked, tables)
-            feasible = g.any(dim=-1, keepdim=True)
-            allowed[in_span] = torch.where(feasible, g, allowed[in_span])
-            if tables.onsets is not None:  # the onset rules only where the grammar still holds
-                g = allowed[in_span] & onset_mask(at, ids, masked, tables, linked)
-                feasible = g.any(dim=-1, keepdim=True)
-                allowed[in_span] = torch.where(feasible, g, allowed[in_span])
-    return logits.masked_fill(~allowed, float("-inf"))
-
-
-def pin_masks(
-    pinned: Sequence[tuple[int, Sequence[int]]], vocab_size: int, device: torch.device | str
-) -> dict[int, Tensor]:
-    """position -> bool [V]: the only ids that position may take (token healing's first token)."""
-    out: dict[int, Tensor] = {}
-    for pos, ids in pinned:
-        allowed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        allowed[torch.as_tensor(list(ids), dtype=torch.long, device=device)] = True
-        out[int(pos)] = allowed
-    return out
-
-
-def apply_pinned(logits: Tensor, positions: Tensor, pinned: Mapping[int, Tensor]) -> Tensor:
-    """Set to -inf, in the rows of pinned `positions`, every logit outside that position's ids
-    (`pin_masks`); other rows are unchanged. logits [N, V] belong to canvas `positions` [N]."""
-    if not pinned:
-        return logits
-    rows = [(r, pinned[p]) for r, p in enumerate(positions.tolist()) if p in pinned]
-    if not rows:
-        return logits
-    logits = logits.clone()
-    for r, allowed in rows:
-        logits[r] = logits[r].masked_fill(~allowed, float("-inf"))
-    return logits
 
 
 def filter_top_k(logits: Tensor, top_k: int) -> Tensor:
@@ -940,7 +608,7 @@ class SamplerState:
         self.ids = self.layout.ids.clone()
         self.masked = ~self.layout.fixed
         self.cleared = torch.zeros_like(self.masked)  # positions turned into PAD after EOS
-        self.linked = torch.ones_like(self.masked)  # slot j-1 is the canvas position before j
+        self.canvas_index: Tensor | None = None  # slot -> canvas position (None: the same)
         self.modality_rows = torch.tensor(
             [rows[m] for m in self.layout.modality], dtype=torch.long, device=self.device
         )
@@ -1142,7 +810,7 @@ class SamplerState:
             self.modality_rows,
             tables,
             self.params.grammar,
-            self.linked,
+            self.canvas_index,
         )
         return apply_pinned(constrained, positions, self._pinned)
 

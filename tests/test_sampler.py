@@ -10,12 +10,11 @@ from hypothesis import strategies as st
 
 from unmask.errors import InvalidArgument
 from unmask.models.canvas import Canvas, Fixed, Masked
+from unmask.models.constraints import SamplerVocab, apply_constraints
 from unmask.models.network import Denoiser, ModelConfig
 from unmask.models.sampler import (
     SamplerState,
-    SamplerVocab,
     StepEvent,
-    apply_constraints,
     collate_inputs,
     generate,
     generate_ar,

@@ -115,7 +115,7 @@ def test_a_pinned_position_keeps_only_its_ids_and_other_rows_stay():
     import torch
 
     from unmask.models.canvas import Canvas, Fixed, Masked
-    from unmask.models.sampler import apply_pinned, pin_masks
+    from unmask.models.constraints import apply_pinned, pin_masks
 
     layout = Canvas([Fixed([2, 5]), Masked(3, "text", (7, 9))]).layout(mask_id=1)
     assert layout.pinned == ((2, (7, 9)),)

@@ -15,8 +15,9 @@ import torch
 
 from unmask.errors import InvalidArgument
 from unmask.models.canvas import Canvas, Fixed, Masked, Segment
+from unmask.models.constraints import SamplerVocab
 from unmask.models.generation import Generator, Prepared, fit_params
-from unmask.models.sampler import SampleResult, SamplerVocab
+from unmask.models.sampler import SampleResult
 from unmask.models.sampler_params import SamplerParams
 from unmask.models.template import parse_template
 from unmask.tokenizers.hf import HFTokenizer
