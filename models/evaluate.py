@@ -13,7 +13,10 @@ Likelihood (the same deterministic batches as training's validation, `models.tra
 Samples: `n_samples` generations per modality through `Generator` (the AR baseline gets the same
 prompts as `ar_samples`). Prompt i is the first `prompt_tokens` content ids of a held-out document
 (documents evenly spaced over the split, cycling when there are fewer than n_samples; a MIDI
-document without tokens falls back to the default MIDI start). Generation i uses seed + i.
+document without tokens falls back to the default MIDI start). MIDI samples start from scratch
+(`midi_prompt_tokens` 0, the default new-piece canvas: the MIDI gates are set on pieces from
+scratch); held-out continuations with `prompt_tokens` are reported beside them as
+`continuations`. Generation i uses seed + i.
   * `unigram_entropy_bits`: mean over generations of the entropy (bits) of the unigram
     distribution of the generated content ids (specials dropped, cut at the first EOS);
   * `nfe`, `tokens_per_forward`, `latency_s`: means; `tokens_per_s` = generated / total latency.
@@ -28,7 +31,9 @@ document without tokens falls back to the default MIDI start). Generation i uses
   * midi: `valid_rate` = share whose output (prompt + generation) decodes to a MIDI file with at
     least one note (a MidiError counts as invalid); `new_notes_rate` = share where the
     generation itself added a note (notes of prompt + generation minus the prompt's own);
-    `type_error_rate` = sum of `vocab.count_midi_type_errors(generated ids)` / generated ids;
+    `type_error_rate` = sum of `vocab.count_midi_type_errors` over each whole piece (prompt,
+    fixed bar lines and generation: a generated token must fit the given ones around it) /
+    generated ids; `prompt_kept_rate` = share whose output still holds every note of the prompt;
     `pitch_class_overlap` / `duration_overlap` = overlap area (models/music_metrics.py) between
     the pooled generated notes and the pooled notes of up to `midi_reference_docs` held-out
     documents (None when the generations hold no note).
@@ -82,6 +87,9 @@ class EvalConfig:
     # samples
     n_samples: int = 8  # generations per modality
     prompt_tokens: int = 16  # content ids of a held-out document used as the prompt
+    # MIDI samples start from scratch, as the MIDI gates ask (the default new-piece canvas);
+    # with prompt_tokens > 0 the same number of held-out continuations is reported beside them
+    midi_prompt_tokens: int = 0
     gen_length: int = 128  # tokens to generate
     # decoding knobs: None = the model's own default for the modality (its sampler_defaults)
     steps: int | None = None  # denoising steps (diffusion)
@@ -117,6 +125,7 @@ class EvalConfig:
                 )
         minimum = {"batches": 1, "batch_size": 1, "t_samples": 1, "n_samples": 0}
         minimum |= {"prompt_tokens": 0, "midi_reference_docs": 0, "num_threads": 0, "seed": 0}
+        minimum |= {"midi_prompt_tokens": 0}
         minimum |= {"function_headers": 0, "function_gen_length": 1}
         minimum |= {"infill_rows": 0, "infill_gap": 1}
         for name, lo in minimum.items():
@@ -539,17 +548,21 @@ def _samples(
             out["parsed_char_share"] = _mean(shares)
         out["examples"] = [t[:400] for t in texts[:3]]
     elif modality == "midi":
-        valid = new = errors = 0
+        valid = new = errors = kept = 0
         pooled: list[mm.Note] = []
         entropies: list[float] = []
-        for prompt, g, content in runs:
+        for prompt, g, _ in runs:
             data = g.output if isinstance(g.output, bytes) else b""
             valid += mm.has_notes(data)
-            errors += vocab.count_midi_type_errors(content)
+            # the whole piece: a generated note must also fit the fixed bar lines around it
+            errors += vocab.count_midi_type_errors(vocab.strip_specials(g.ids))
+            given = _prompt_notes(vocab, prompt)
             try:
-                added = Counter(mm.read_notes(data)) - _prompt_notes(vocab, prompt)
+                notes = Counter(mm.read_notes(data))
             except MidiError:
-                added = Counter()
+                notes = Counter()
+            added = notes - given
+            kept += not (given - notes)  # every note of the prompt is still there
             new += bool(added)
             pooled += list(added.elements())
             if added:
@@ -560,6 +573,7 @@ def _samples(
             "valid_rate": valid / len(runs) if runs else None,
             "new_notes_rate": new / len(runs) if runs else None,
             "type_error_rate": errors / generated if generated else None,
+            "prompt_kept_rate": kept / len(runs) if runs else None,
             "pitch_class_overlap": (
                 mm.overlap_area(
                     mm.pitch_class_histogram(pooled), mm.pitch_class_histogram(ref_notes)
@@ -661,7 +675,8 @@ def _evaluate_model(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, An
         if m in ltr_nats:  # exact, in the default decoding order; the NELBO gates stay as asked
             row["left_to_right_nll_per_token"] = ltr_nats[m]
         if cfg.n_samples:
-            prompts = held_out_prompts(d, cfg.n_samples, cfg.prompt_tokens)
+            k = cfg.midi_prompt_tokens if m == "midi" else cfg.prompt_tokens
+            prompts = held_out_prompts(d, cfg.n_samples, k)
             reference = None
             if m == "midi":
                 reference = (
@@ -674,6 +689,13 @@ def _evaluate_model(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, An
             row["samples"] = _samples(gen, m, prompts, cfg, reference, log, "model")
             if ar_gen is not None:
                 row["ar_samples"] = _samples(ar_gen, m, prompts, cfg, reference, log, "AR")
+            if m == "midi" and cfg.prompt_tokens and not cfg.midi_prompt_tokens:
+                prompts = held_out_prompts(d, cfg.n_samples, cfg.prompt_tokens)
+                row["continuations"] = _samples(gen, m, prompts, cfg, reference, log, "model")
+                if ar_gen is not None:
+                    row["ar_continuations"] = _samples(
+                        ar_gen, m, prompts, cfg, reference, log, "AR"
+                    )
         if m in ("text", "code") and cfg.infill_rows:
             ids, gaps = infill_windows(d, gen.vocab, m, cfg.infill_rows, cfg.infill_gap)
             if len(ids):
@@ -722,6 +744,7 @@ GATES = {
     "midi_duration_overlap": ("midi", "samples", "duration_overlap", ">=", 0.8),
     "midi_valid": ("midi", "samples", "valid_rate", ">=", 1.0),
     "midi_grammar_errors": ("midi", "samples", "type_error_rate", "<=", 0.0),
+    "midi_continuation_keeps_prompt": ("midi", "continuations", "prompt_kept_rate", ">=", 1.0),
 }
 
 
@@ -827,14 +850,17 @@ def format_report(result: dict[str, Any]) -> str:
     if sampled:
         lines += [
             "",
-            f"samples: {cfg['n_samples']} per modality, prompt {cfg['prompt_tokens']} tokens, "
+            f"samples: {cfg['n_samples']} per modality, prompt {cfg['prompt_tokens']} tokens "
+            f"(MIDI {cfg.get('midi_prompt_tokens', cfg['prompt_tokens'])}; 0 = from scratch), "
             f"gen_length {cfg['gen_length']}, steps {cfg['steps']}, block {cfg['block_length']}, "
             f"threshold {cfg['threshold']}, cache {cfg['use_cache']}, T {cfg['temperature']}",
             f"{'modality':<9}{'model':<7}{'entropy':>8}{'NFE':>8}{'tok/fwd':>8}{'latency':>9}"
             f"{'tok/s':>8}  quality",
         ]
         for m, r in sampled:
-            for label, key in (("model", "samples"), ("AR", "ar_samples")):
+            rows = (("model", "samples"), ("AR", "ar_samples"), ("model+", "continuations"),
+                    ("AR+", "ar_continuations"))  # fmt: skip
+            for label, key in rows:
                 s = r.get(key)
                 if s is None:
                     continue
@@ -859,6 +885,8 @@ def format_report(result: dict[str, Any]) -> str:
                         f"{_f(s.get('pitch_class_entropy_min_bits'), '.2f')}, duration "
                         f"{_f(s.get('duration_overlap'), '.2f')}"
                     )
+                    if key.endswith("continuations"):  # "+": continuations of held-out prompts
+                        quality += f", prompt kept {_f(s.get('prompt_kept_rate'), '.2f')}"
                 else:
                     quality = ""
                 lat = s.get("latency_s")
@@ -909,6 +937,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     a("--samples", dest="n_samples", type=int, default=d.n_samples, metavar="N",
       help=f"generations per modality ({d.n_samples}; 0 = likelihood only)")  # fmt: skip
     a("--prompt-tokens", type=int, default=d.prompt_tokens, help=f"({d.prompt_tokens})")
+    a("--midi-prompt-tokens", type=int, default=d.midi_prompt_tokens,
+      help="MIDI samples' prompt; 0 = from scratch, continuations reported beside (0)")  # fmt: skip
     a("--gen-length", type=int, default=d.gen_length, help=f"({d.gen_length})")
     a("--steps", type=int, default=d.steps, help="denoising steps (default: the model's)")
     a("--block-length", type=int, default=d.block_length, help="semi-AR block (0 = one block)")

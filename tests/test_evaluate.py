@@ -211,6 +211,14 @@ def test_evaluate_model_end_to_end(tiny):
         _check_samples(row["samples"], m, 2)
         _check_samples(row["ar_samples"], m, 2)
         assert row["ar_samples"]["tokens_per_forward"] == pytest.approx(1.0, abs=0.1)
+    # MIDI samples start from scratch (the gates' setting); continuations are reported beside
+    midi = res["modalities"]["midi"]
+    assert midi["samples"]["prompt_tokens_mean"] == 0
+    assert midi["continuations"]["prompt_tokens_mean"] == 6
+    _check_samples(midi["continuations"], "midi", 2)
+    _check_samples(midi["ar_continuations"], "midi", 2)
+    assert 0.0 <= midi["continuations"]["prompt_kept_rate"] <= 1.0
+    assert gates["midi_continuation_keeps_prompt"]["value"] is not None
     report = format_report(res)
     assert "NELBO" in report and "midi" in report and "parse" in report
 
