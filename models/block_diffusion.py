@@ -87,8 +87,11 @@ def infill_order(gaps: Tensor, length: int | None = None) -> tuple[Tensor, Tenso
             continue
         order += [start - 1, *range(start, end)]
         is_gap += [False] + [True] * (end - start)
-    if length is not None:  # runs cut away entirely: refill with the dropped known positions
-        rest = [i for i in range(limit, T) if not bool(gaps[i])]
+    if length is not None:
+        # runs cut away entirely leave slots free: refill them with the positions past the limit,
+        # as context that is never a target (the last slots: no target sees them)
+        placed = set(order)
+        rest = [i for i in range(limit, T) if i not in placed]
         order, is_gap = (order + rest)[:length], (is_gap + [False] * len(rest))[:length]
     dev = gaps.device
     return torch.tensor(order, dtype=torch.long, device=dev), torch.tensor(is_gap, device=dev)

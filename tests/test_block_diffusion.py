@@ -212,6 +212,18 @@ def test_infill_order_puts_known_tokens_first_then_anchor_and_gap():
     assert len(order) == 10 and sorted(set(order[is_gap].tolist())) == [3, 4, 7]
 
 
+def test_infill_order_keeps_the_row_length_when_a_gap_at_the_end_is_cut_away():
+    """Two gaps need two anchor slots; the second gap fills the last two positions, so it is
+    cut away entirely (a training crash once: the row came out one slot short)."""
+    gaps = torch.zeros(10, dtype=torch.bool)
+    gaps[3:5] = True
+    gaps[8:10] = True
+    order, is_gap = infill_order(gaps, length=10)
+    assert len(order) == 10 and len(is_gap) == 10
+    assert sorted(set(order[is_gap].tolist())) == [3, 4]  # the cut gap is never a target
+    assert order[-1].item() == 8  # its first position fills the free slot, as context
+
+
 def test_a_reordered_gap_sees_the_text_on_its_right():
     m = tiny()
     x, targets = rows(1, 16)
