@@ -7,6 +7,10 @@ on a CUDA machine `python bench/engine_waves.py --device cuda` reports tokens/s 
 1/8/32/64 in the dtype `Generator.load` picks there (bf16 where supported). Not yet run on a GPU.
 
     python bench/engine_waves.py [--device cpu] [--threads 1] [--length 128] [--out bench/results]
+                                 [--no-progress]
+
+--no-progress sends the jobs as the unary Generate call does (`progress=false`: no step events,
+so no guesses for the positions a step leaves open); the default is a streamed call's job.
 """
 
 from __future__ import annotations
@@ -32,21 +36,23 @@ from unmask.models.sampler_params import MODEL_DEFAULTABLE, SamplerParams
 PROMPTS = ["Once upon a time", "def main():\n", "The river", "import os\n", "She said", "class A:"]
 
 
-def requests(n: int, length: int) -> list[GenerationRequest]:
+def requests(n: int, length: int, progress: bool = True) -> list[GenerationRequest]:
     return [
         GenerationRequest(
             "code" if "\n" in PROMPTS[i % len(PROMPTS)] else "text",
             prompt=PROMPTS[i % len(PROMPTS)],
             params=SamplerParams(gen_length=length, seed=i, unset=MODEL_DEFAULTABLE),
+            progress=progress,
         )
         for i in range(n)
     ]
 
 
-def wave(engine: Engine, n: int, length: int) -> dict[str, Any]:
+def wave(engine: Engine, n: int, length: int, progress: bool = True) -> dict[str, Any]:
     f0 = engine.forward_passes
     t = time.perf_counter()
-    results = [h.result(timeout=3600) for h in [engine.submit(r) for r in requests(n, length)]]
+    handles = [engine.submit(r) for r in requests(n, length, progress)]
+    results = [h.result(timeout=3600) for h in handles]
     wall = time.perf_counter() - t
     ok = [r for r in results if r.status == SUCCEEDED]
     toks = sum(int(r.usage.get("generated_tokens", 0)) - (r.usage.get("finish_reason") == "eos")
@@ -63,19 +69,20 @@ def main(argv: list[str] | None = None, log=print) -> dict[str, Any]:
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--levels", default="1,8,32,64")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--no-progress", action="store_true", help="jobs as unary calls send them")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
     report: dict[str, Any] = {"machine": machine_info(args.threads), "device": args.device,
                               "arrival": "each wave: all jobs submitted at t=0 to one Engine",
-                              "models": {}}  # fmt: skip
+                              "progress": not args.no_progress, "models": {}}  # fmt: skip
     for which in ("model", "model-ar"):
         gen = Generator.load(default_model_dir(which), device=args.device, dtype=args.dtype)
         rows = []
         with Engine(gen, max_batch=max(levels)) as engine:
             wave(engine, 2, args.length)  # warm-up
             for n in levels:
-                rows.append(wave(engine, n, args.length))
+                rows.append(wave(engine, n, args.length, not args.no_progress))
                 log(f"{which} {gen.model.inference_dtype} c{n}: {rows[-1]}")
         base = rows[0]["tokens_per_s"]
         for r in rows:
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None, log=print) -> dict[str, Any]:
         report["models"][f"{which} {gen.model.inference_dtype}"] = rows
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"engine_waves_{args.device.split(':')[0]}.json"
+    name = f"engine_waves_{args.device.split(':')[0]}{'_unary' if args.no_progress else ''}.json"
     (out / name).write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {out / name}")
     return report

@@ -317,6 +317,7 @@ class Engine:
                 self.generator.sampler_vocab,
                 device=self._device,
             )
+            state.tentative = handle.request.progress  # no step events: no guesses to report
         return _Active(handle, job, state, time.perf_counter(), should_cancel)
 
     @property

@@ -338,7 +338,11 @@ def filter_top_p_sorted(logits: Tensor, top_p: float) -> Tensor:
 
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
     """Standard Gumbel noise in float64, drawn on the CPU so a seed gives the same ids anywhere."""
-    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    return gumbel_from_uniform(torch.rand(shape, generator=generator, dtype=torch.float64))
+
+
+def gumbel_from_uniform(u: Tensor) -> Tensor:
+    """-log(-log u), u float64 in [0, 1) (clamped away from 0 and 1)."""
     tiny = torch.finfo(torch.float64).tiny
     return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 2**-53)))
 
@@ -417,9 +421,11 @@ def sample_draws(draws: Sequence[Draw]) -> list[tuple[Tensor, Tensor]]:
                                           field="seed")  # fmt: skip
             z = logits.double() / temperature
             z = filter_top_p(filter_top_k(z, top_k), top_p)
-            noise = [gumbel_noise(tuple(draws[i].logits.shape), draws[i].generator)  # type: ignore[arg-type]
-                     for i in idx]  # fmt: skip
-            tokens = (z + torch.cat(noise).to(z.device)).argmax(dim=-1)
+            # each draw's uniforms from its own generator; the Gumbel transform once for all
+            u = [torch.rand(tuple(draws[i].logits.shape), generator=draws[i].generator,
+                            dtype=torch.float64) for i in idx]  # fmt: skip
+            noise = gumbel_from_uniform(torch.cat(u) if len(u) > 1 else u[0])
+            tokens = (z + noise.to(z.device)).argmax(dim=-1)
         probs = None
         start = 0
         for i, n in zip(idx, sizes, strict=True):
@@ -609,6 +615,9 @@ class SamplerState:
         self.masked = ~self.layout.fixed
         self.cleared = torch.zeros_like(self.masked)  # positions turned into PAD after EOS
         self.canvas_index: Tensor | None = None  # slot -> canvas position (None: the same)
+        # the step events carry the model's guess for the positions left open; a caller that
+        # reads no events (a unary request) sets this False and those rows are never computed
+        self.tentative = True
         self.modality_rows = torch.tensor(
             [rows[m] for m in self.layout.modality], dtype=torch.long, device=self.device
         )
@@ -703,17 +712,19 @@ class SamplerState:
         block_pos = self.blocks[self.block]
         is_open = self.masked[block_pos]
         open_pos = block_pos[is_open]
-        open_logits = self._constrained(logits, open_pos, first, tables)
         in_order = p.position_score == "left_to_right"
         score = "probability" if in_order else p.position_score
         # left to right at a fixed count: the leftmost `count` positions are committed whatever
         # their confidence, so only they are sampled; the rest get the model's best guess
-        # (argmax) as their tentative token for the step's event
-        n_draw = open_pos.numel()
+        # (argmax) as their tentative token for the step's event, if anyone reads it
+        n_open = n_draw = open_pos.numel()
         if in_order and p.threshold is None and p.threshold_factor is None:
-            n_draw = min(max(self._commit_count(open_pos.numel()), 1), n_draw)
+            n_draw = min(max(self._commit_count(n_open), 1), n_draw)
+            if not self.tentative:
+                open_pos = open_pos[:n_draw]
+        open_logits = self._constrained(logits, open_pos, first, tables)
         self._step_state = (logits, first, tables, block_pos, is_open, open_pos, open_logits,
-                            n_draw)  # fmt: skip
+                            n_draw, n_open)  # fmt: skip
         return Draw(open_logits[:n_draw], p.temperature, p.top_k, p.top_p, self.generator, score)
 
     def _commit_count(self, n_open: int) -> int:
@@ -727,7 +738,9 @@ class SamplerState:
         """The second half of `advance`: commit, remask, and say what the step did."""
         if self._step_state is None:
             raise InvalidArgument("call propose() before finish_step()", field="state")
-        logits, first, tables, block_pos, is_open, open_pos, open_logits, n_draw = self._step_state
+        logits, first, tables, block_pos, is_open, open_pos, open_logits, n_draw, n_open = (
+            self._step_state
+        )
         self._step_state = None
         p = self.params
         in_order = p.position_score == "left_to_right"
@@ -739,7 +752,7 @@ class SamplerState:
 
         steps_left = self.block_steps[self.block] - self.block_step
         last_step = p.max_steps is not None and self.step + 1 >= p.max_steps
-        count = open_pos.numel() if last_step else planned_commits(open_pos.numel(), steps_left)
+        count = n_open if last_step else planned_commits(n_open, steps_left)
         if in_order:
             chosen = select_leftmost(conf, count, p.threshold, p.threshold_factor)
         else:

@@ -297,3 +297,28 @@ def test_left_to_right_parallel_commits_keep_the_midi_grammar():
     for seed in range(3):
         res = generate(m, canvas, replace(params, seed=seed), fake_vocab())
         assert grammar_errors(res.ids[1:].tolist()) == 0
+
+
+def test_a_job_without_tentative_guesses_draws_the_same_tokens():
+    """Left to right, one token a step: the guesses for the rest of the block are only for step
+    events; a state told nobody reads them (a unary request) skips them and ends identical."""
+    m = tiny()
+    canvas = Canvas([Fixed([BOS, 5, 6]), Masked(13, "text")])
+    params = SamplerParams(gen_length=13, steps=13, position_score="left_to_right",
+                           temperature=1.0, top_p=0.9, seed=3)  # fmt: skip
+    runs = []
+    for tentative in (True, False):
+        state = new_state(m, canvas, params, fake_vocab())
+        state.tentative = tentative
+        events = []
+        with torch.no_grad():
+            while not state.done:
+                events.append(state.advance(*step_logits(m, state.prepare_inputs())))
+        runs.append((state.result().ids.tolist(), events))
+    (ids_a, ev_a), (ids_b, ev_b) = runs
+    assert ids_a == ids_b
+    assert any(e.tentative_positions.numel() for e in ev_a)
+    assert all(e.tentative_positions.numel() == 0 for e in ev_b)
+    assert [e.committed_positions.tolist() for e in ev_a] == [
+        e.committed_positions.tolist() for e in ev_b
+    ]
