@@ -37,11 +37,11 @@ import torch
 from unmask.engine.request import GenerationRequest
 from unmask.engine.result import CANCELLED, DEADLINE, FAILED, SUCCEEDED, GenerationResult
 from unmask.errors import Cancelled, DeadlineExceeded, NotReady, QueueFull, UnmaskError, error_dict
+from unmask.models.ar_decoding import ARState
 from unmask.models.block_sampler import new_state
 from unmask.models.generation import Generation, Generator, Prepared, ar_params
 from unmask.models.network import KVCache
 from unmask.models.sampler import (
-    ARState,
     CacheCollator,
     Draw,
     SamplerState,

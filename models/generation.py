@@ -18,13 +18,13 @@ import torch
 
 from unmask.errors import InvalidArgument, MidiError, NoNotesGenerated
 from unmask.models import checkpoint
+from unmask.models.ar_decoding import generate_ar
 from unmask.models.canvas import Canvas, Fixed, Masked, Segment
 from unmask.models.constraints import SamplerVocab
 from unmask.models.sampler import (
     SampleResult,
     StepEvent,
     generate,
-    generate_ar,
 )
 from unmask.models.sampler_params import ARParams, SamplerParams
 from unmask.models.template import parse_template

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unmask.errors import InvalidArgument
+from unmask.models.ar_decoding import generate_ar
 from unmask.models.canvas import Canvas, Fixed, Masked
 from unmask.models.constraints import SamplerVocab, apply_constraints
 from unmask.models.network import Denoiser, ModelConfig
@@ -17,7 +18,6 @@ from unmask.models.sampler import (
     StepEvent,
     collate_inputs,
     generate,
-    generate_ar,
     plan_block_steps,
     planned_commits,
     run_batch,

@@ -16,6 +16,7 @@ from unmask.engine.engine import SUCCEEDED, Engine
 from unmask.engine.request import GenerationRequest
 from unmask.errors import InvalidArgument
 from unmask.models import checkpoint
+from unmask.models.ar_decoding import generate_ar
 from unmask.models.generation import Generator, ar_params
 from unmask.models.network import Denoiser, ModelConfig
 from unmask.models.quality import adds_code
@@ -23,7 +24,6 @@ from unmask.models.sampler import (
     factor_ok,
     filter_top_p,
     filter_top_p_sorted,
-    generate_ar,
     select_commits,
     select_leftmost,
 )
