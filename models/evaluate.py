@@ -686,16 +686,15 @@ def _evaluate_model(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, An
                 )
                 if not reference[0]:  # no music21: the held-out documents instead
                     reference = _reference_notes(d, gen.vocab, cfg.midi_reference_docs)
-            row["samples"] = _samples(gen, m, prompts, cfg, reference, log, "model")
-            if ar_gen is not None:
-                row["ar_samples"] = _samples(ar_gen, m, prompts, cfg, reference, log, "AR")
+            runs = [("samples", prompts)]
             if m == "midi" and cfg.prompt_tokens and not cfg.midi_prompt_tokens:
-                prompts = held_out_prompts(d, cfg.n_samples, cfg.prompt_tokens)
-                row["continuations"] = _samples(gen, m, prompts, cfg, reference, log, "model")
+                runs.append(
+                    ("continuations", held_out_prompts(d, cfg.n_samples, cfg.prompt_tokens))
+                )
+            for key, ps in runs:  # the model, and the AR baseline on the same prompts
+                row[key] = _samples(gen, m, ps, cfg, reference, log, "model")
                 if ar_gen is not None:
-                    row["ar_continuations"] = _samples(
-                        ar_gen, m, prompts, cfg, reference, log, "AR"
-                    )
+                    row[f"ar_{key}"] = _samples(ar_gen, m, ps, cfg, reference, log, "AR")
         if m in ("text", "code") and cfg.infill_rows:
             ids, gaps = infill_windows(d, gen.vocab, m, cfg.infill_rows, cfg.infill_gap)
             if len(ids):
