@@ -17,6 +17,7 @@
 #   scripts/train_default.sh stage5      # a further cycle, code and MIDI 1.5x text (seed 15)
 #   scripts/train_default.sh stage6      # a further cycle, 40% infill rows (seed 16; not shipped)
 #   scripts/train_default.sh stage7      # from stage 5: a longer cycle, stage 5's mix (seed 17)
+#   scripts/train_default.sh stage8      # from stage 7: text and code 1.5x MIDI (seed 18)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -66,6 +67,11 @@ case "${1:-}" in
     # (docs/model_experiments.md): a longer cosine cycle (3e-4 -> 3e-5, 6M tokens) from the
     # stage-5 models (the shipped ones) with stage 5's mix instead
     run_pair stage7 ;;
+  stage8)
+    # a further cosine cycle (3e-4 -> 3e-5, 5M tokens) from the stage-7 models (the shipped ones);
+    # every MIDI gate is met, text words and code bodies sit just below theirs: text and code are
+    # now 1.5x as likely as MIDI
+    run_pair stage8 ;;
   *)
-    echo "usage: $0 stage1|stage2|stage3|stage4|stage5|stage6|stage7" >&2; exit 2 ;;
+    echo "usage: $0 stage1|stage2|stage3|stage4|stage5|stage6|stage7|stage8" >&2; exit 2 ;;
 esac
