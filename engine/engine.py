@@ -39,7 +39,7 @@ from unmask.engine.result import CANCELLED, DEADLINE, FAILED, SUCCEEDED, Generat
 from unmask.errors import Cancelled, DeadlineExceeded, NotReady, QueueFull, UnmaskError, error_dict
 from unmask.models.ar_decoding import ARState
 from unmask.models.block_sampler import new_state
-from unmask.models.generation import Generation, Generator, Prepared, ar_params
+from unmask.models.generation import Generation, Generator, Prepared, ar_params, strip_healed
 from unmask.models.network import KVCache
 from unmask.models.sampler import (
     CacheCollator,
@@ -457,9 +457,8 @@ class Engine:
             text = vocab.bpe.decode(
                 [i - vocab.ranges.bpe_start for i in ids if i < vocab.ranges.bpe_end]
             )
-            healed = a.job.healed  # token healing: the prompt already holds this text
-            if index == 0 and healed and text.startswith(healed):
-                text = text[len(healed) :]
+            if index == 0:
+                text = strip_healed(text, a.job.healed)
         a.handle._emit({"type": "block", "index": index, "text": text, "ids": ids})
 
     def _succeed(self, a: _Active, gen: Generation) -> None:

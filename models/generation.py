@@ -113,6 +113,12 @@ class Prepared:
     first_allowed: tuple[int, ...] = ()
 
 
+def strip_healed(text: str, healed: str) -> str:
+    """Generated text without the healed prompt text it starts with (token healing: the first
+    new token re-spells the prompt's last one, which the prompt already holds)."""
+    return text[len(healed) :] if healed and text.startswith(healed) else text
+
+
 class Generator:
     # Prompts longer than the window are refused (InvalidArgument naming the prompt); evaluation,
     # which samples from held-out document prefixes, keeps their most recent tokens instead.
@@ -287,8 +293,7 @@ class Generator:
             if modality == "midi":  # continue the whole piece, not only the window the model saw
                 return self._decode_midi(prompt_ids + new)
             text = self.vocab.decode(new, modality) if new else ""
-            # the first new token starts with the healed text, which the prompt already holds
-            return text_prefix + (text[len(healed) :] if text.startswith(healed) else text)
+            return text_prefix + strip_healed(text, healed)
 
         if self.is_ar:
             return Prepared(modality, None, params, head, prompt_tokens, decode, healed, first)
