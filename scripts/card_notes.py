@@ -1,9 +1,14 @@
 """Markdown for the shipped model card (and README) from the measured JSON files: the recipe,
-training throughput, the quality gates, the sampler sweep and three unedited samples per
-modality. Everything it prints comes from a file written by a benchmark or `unmask eval`.
+training throughput, the quality gates, the sampler sweeps behind the defaults and three
+unedited samples per modality. Everything it prints comes from a file written by a benchmark or
+`unmask eval`.
 
-    python scripts/card_notes.py --eval docs/eval.json --sweep bench/results/sampler_sweep.json \
+    python scripts/card_notes.py --eval docs/eval.json \
+        --sweep bench/results/text_temperature.json bench/results/code_defaults.json \
         --speed bench/results/train_speed.json --samples out/ > notes.md
+
+A sweep file is a list of `bench/sampler_sweep.py` rows, or {"what", "command", "cpu",
+"modality", "rows"} (rows without a modality take the file's).
 """
 
 from __future__ import annotations
@@ -68,6 +73,19 @@ def speed_table(speed: dict) -> str:
     return "\n".join(rows)
 
 
+def sweep_section(data: list[dict] | dict) -> str:
+    """One sweep file: what it measured and how (when the file says), then its table."""
+    if isinstance(data, list):
+        return sweep_table(data)
+    head = [data[k] + ("." if k == "what" else "") for k in ("what",) if data.get(k)]
+    if data.get("command"):
+        head.append(f"`{data['command']}`")
+    if data.get("cpu"):
+        head.append(f"CPU: {data['cpu']}.")
+    rows = [{"modality": data.get("modality", "?"), **r} for r in data["rows"]]
+    return (" ".join(head) + "\n\n" if head else "") + sweep_table(rows)
+
+
 def sweep_table(rows: list[dict]) -> str:
     keys = sorted({k for r in rows for k in r} - {"modality", "seconds"})
     lead = ["position_score", "tokens_per_step", "temperature", "top_p"]
@@ -108,7 +126,7 @@ def samples_text(directory: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--eval", required=True)
-    ap.add_argument("--sweep", default=None)
+    ap.add_argument("--sweep", nargs="*", default=[], help="sweep JSON files, in order")
     ap.add_argument("--speed", default=None)
     ap.add_argument("--samples", default=None, help="directory written by `make demo`")
     ap.add_argument("--recipe", default=None, help="markdown file describing the training")
@@ -126,9 +144,11 @@ def main() -> None:
             speed_table(json.loads(Path(args.speed).read_text())),
             "",
         ]
-    if args.sweep and Path(args.sweep).exists():
-        parts += ["## Sampler sweep (validation split; `bench/sampler_sweep.py`)", "",
-                  sweep_table(json.loads(Path(args.sweep).read_text())), ""]  # fmt: skip
+    sweeps = [Path(p) for p in args.sweep if Path(p).exists()]
+    if sweeps:
+        parts += ["## Sampler sweeps behind the defaults (validation split)", ""]
+        for path in sweeps:
+            parts += [sweep_section(json.loads(path.read_text())), ""]
     if args.samples:
         parts += [
             "## Unedited samples (`make demo`, seeds 0–2)",
