@@ -66,7 +66,7 @@ def measure(base: TrainConfig, objective: str, autocast: str, steps: int, vocab,
     def step() -> None:
         batch = sampler.next_batch()
         with _autocast(device, cfg.autocast):
-            loss, _ = batch_loss(model, batch, cfg, special.mask, structural, gen)
+            loss, _ = batch_loss(model, batch, cfg, special, structural, gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

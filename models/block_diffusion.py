@@ -97,6 +97,45 @@ def infill_order(gaps: Tensor, length: int | None = None) -> tuple[Tensor, Tenso
     return torch.tensor(order, dtype=torch.long, device=dev), torch.tensor(is_gap, device=dev)
 
 
+def lengthen_gaps(
+    ids: Tensor,
+    maskable: Tensor,
+    gaps: Tensor,
+    rows: Tensor,
+    *,
+    share: float,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Variable-length infill: a user's [MASK:n] is rarely exactly as long as the text that fits,
+    so the model must be able to end a gap early. In the selected rows [B] bool, each gap (a run
+    of `gaps & maskable`) is, with probability `share`, given k extra slots (k uniform in 1..its
+    length) right after its content, holding EOS then PAD: the end-of-span the sampler honours
+    (an EOS ends its span; the span's rest becomes PAD). The right context moves k positions on;
+    the row keeps its length L (its last ids fall off). Returns (ids, maskable, gaps) [B, L]."""
+    if share <= 0:
+        return ids, maskable, gaps
+    L = ids.shape[1]
+    ids, maskable, gaps = ids.clone(), maskable.clone(), gaps.clone()
+    for b in rows.nonzero().flatten().tolist():
+        for start, end in reversed(gap_runs(gaps[b] & maskable[b])):  # right to left: stable ends
+            u = float(torch.rand((), generator=generator, device=generator.device))
+            # a gap at the document's end ends with its EOS / PAD already
+            if u >= share or end >= L or int(ids[b, end - 1]) in (eos_id, pad_id):
+                continue
+            k = 1 + int(
+                torch.randint(end - start, (), generator=generator, device=generator.device)
+            )
+            filler = ids.new_full((k,), pad_id)
+            filler[0] = eos_id
+            yes = maskable.new_ones(k)
+            ids[b] = torch.cat([ids[b, :end], filler, ids[b, end:]])[:L]
+            maskable[b] = torch.cat([maskable[b, :end], yes, maskable[b, end:]])[:L]
+            gaps[b] = torch.cat([gaps[b, :end], yes, gaps[b, end:]])[:L]
+    return ids, maskable, gaps
+
+
 def reorder_for_infill(
     ids: Tensor, maskable: Tensor, gaps: Tensor, rows: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:

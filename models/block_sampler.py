@@ -71,6 +71,7 @@ def reorder_canvas(canvas: Canvas, mask_id: int) -> tuple[Canvas, Tensor]:
     layout = canvas.layout(mask_id)
     masked = ~layout.fixed
     order, in_region = infill_order(gap_regions(masked))
+    pins = dict(layout.pinned)  # a pinned position starts its own span, keeping its pin
     segments: list[Segment] = []
     fixed_run: list[int] = []
     k = 0
@@ -87,9 +88,10 @@ def reorder_canvas(canvas: Canvas, mask_id: int) -> tuple[Canvas, Tensor]:
                 and bool(masked[int(order[k + n])])
                 and int(order[k + n]) == pos + n
                 and layout.modality[int(order[k + n])] == layout.modality[pos]
+                and int(order[k + n]) not in pins
             ):
                 n += 1
-            segments.append(Masked(n, layout.modality[pos]))
+            segments.append(Masked(n, layout.modality[pos], pins.get(pos, ())))
             k += n
         else:
             fixed_run.append(int(layout.ids[pos]))

@@ -462,18 +462,43 @@ def gap_order_nll(gen: Generator, ids: Tensor, gaps: Tensor) -> float:
     return block_order_nll(gen.model, z, maskable, mask_id, block_size=block_size, positions=pos)[0]
 
 
-def infill_keeps_fixed(gen: Generator, ids: Tensor, gaps: Tensor, modality: str, cfg) -> float:
-    """Share of [MASK:n] infills whose text before and after the gap comes back byte-identical."""
-    kept = []
-    for i in range(min(4, len(ids))):
+def _infills(
+    gen: Generator, ids: Tensor, gaps: Tensor, modality: str, cfg, n: int, extra: int = 0
+) -> list[tuple[bool, Any]]:
+    """[MASK:n] infills of the first n windows, each gap `extra` slots longer than the text cut
+    out of it: (text before and after the gap came back byte-identical, the Generation)."""
+    out = []
+    for i in range(min(n, len(ids))):
         row = ids[i].tolist()[PREFIX_LEN:]
         where = gaps[i].tolist()[PREFIX_LEN:]
         a, b = where.index(True), len(where) - where[::-1].index(True)
         left, right = gen.vocab.decode(row[:a], modality), gen.vocab.decode(row[b:], modality)
-        params = cfg.sampler_params(i)
-        out = gen.infill(modality, f"{left}[MASK:{b - a}]{right}", params).output
-        kept.append(out.startswith(left) and out.endswith(right))
+        template = f"{left}[MASK:{b - a + extra}]{right}"
+        g = gen.infill(modality, template, cfg.sampler_params(i))
+        out.append((g.output.startswith(left) and g.output.endswith(right), g))
+    return out
+
+
+def infill_keeps_fixed(gen: Generator, ids: Tensor, gaps: Tensor, modality: str, cfg) -> float:
+    """Share of [MASK:n] infills whose text before and after the gap comes back byte-identical."""
+    kept = [k for k, _ in _infills(gen, ids, gaps, modality, cfg, 4)]
     return sum(kept) / len(kept) if kept else 0.0
+
+
+def infill_longer_gaps(gen: Generator, ids: Tensor, gaps: Tensor, modality: str, cfg) -> dict:
+    """Variable-length infill: each gap is half again as long as the text cut out of it, so a
+    good fill ends early with an end-of-span (EOS; the span's rest becomes PAD). Share of gaps
+    ended early, of fixed text kept, and the mean tokens written before the end."""
+    extra = max(1, int(gaps[0].sum()) // 2) if len(gaps) else 1
+    runs = _infills(gen, ids, gaps, modality, cfg, 8, extra)
+    eos = int(gen.vocab.eos_id)
+    ended = [eos in g.generated_ids for _, g in runs]
+    written = [g.generated_ids.index(eos) if e else len(g.generated_ids)
+               for (_, g), e in zip(runs, ended, strict=True)]  # fmt: skip
+    n = max(len(runs), 1)
+    return {"rows": len(runs), "extra_slots": extra, "ends_early_rate": sum(ended) / n,
+            "fixed_kept_rate": sum(k for k, _ in runs) / n,
+            "mean_tokens_written": sum(written) / n}  # fmt: skip
 
 
 def _prompt_notes(vocab: Any, prompt: list[int]) -> Counter:
@@ -706,6 +731,7 @@ def _evaluate_model(cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, An
                     row["infill"]["ar_left_only_gap_nll"] = gap_nll(ar_gen, ids, gaps, cfg)
                 if cfg.n_samples and not gen.is_ar:
                     row["infill"]["fixed_kept_rate"] = infill_keeps_fixed(gen, ids, gaps, m, cfg)
+                    row["infill"]["longer_gaps"] = infill_longer_gaps(gen, ids, gaps, m, cfg)
                 log(f"  {m} infill: gap NLL {row['infill']['gap_nll']:.3f}")
         if m == "code" and cfg.function_headers:
             headers = held_out_headers(d, gen.vocab, cfg.function_headers)

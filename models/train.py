@@ -38,6 +38,7 @@ from unmask.models.block_diffusion import (
     block_diffusion_loss,
     block_nelbo,
     block_order_nll,
+    lengthen_gaps,
     reorder_for_infill,
 )
 from unmask.models.data import BatchSampler, SpecialIds, eval_batches
@@ -74,6 +75,9 @@ class TrainConfig:
     complementary: bool = False  # a second noisy copy with the complementary mask (Fast-dLLM v2)
     token_shift: bool = True  # the logit at i predicts token i + 1 (reuses an AR start's head)
     infill_reorder: float = 1.0  # share of infill rows trained in infill order (known text first)
+    # share of text/code gaps (of rows in infill order) given extra slots ended by EOS, so the
+    # model learns to end a [MASK:n] early (block diffusion; `lengthen_gaps`)
+    infill_longer: float = 0.0
     d_model: int = 256  # residual stream width
     n_layers: int = 6  # Transformer blocks
     n_heads: int = 4  # attention heads
@@ -126,6 +130,7 @@ class TrainConfig:
             "block_warmup_share": 0.0 <= self.block_warmup_share < 1.0,
             "t_min": 0.0 < self.t_min <= self.t_max <= 1.0,
             "infill_reorder": 0.0 <= self.infill_reorder <= 1.0,
+            "infill_longer": 0.0 <= self.infill_longer <= 1.0,
             "schedule": self.schedule in ("cosine", "constant"),
             "autocast": self.autocast in ("auto", "bf16", "off"),
             "lr": self.lr > 0,
@@ -271,7 +276,7 @@ def batch_loss(
     model: Denoiser,
     batch,
     cfg: TrainConfig,
-    mask_id: int,
+    special: SpecialIds,
     structural: torch.Tensor | None,
     generator: torch.Generator,
     block_size: int | None = None,
@@ -296,12 +301,18 @@ def batch_loss(
         if cfg.infill_reorder > 0 and bool(infill_rows.any()):
             u = torch.rand(len(batch), generator=generator, device=generator.device)
             chosen = infill_rows & (u.to(ids.device) < cfg.infill_reorder)
-            ids, maskable, positions = reorder_for_infill(ids, maskable, batch.spans, chosen)
+            spans = batch.spans
+            if cfg.infill_longer > 0:  # not MIDI bar infill: its gaps keep the bar's structure
+                ids, maskable, spans = lengthen_gaps(
+                    ids, maskable, spans, chosen & ~batch.keep_structure, share=cfg.infill_longer,
+                    eos_id=special.eos, pad_id=special.pad, generator=generator,
+                )  # fmt: skip
+            ids, maskable, positions = reorder_for_infill(ids, maskable, spans, chosen)
         return block_diffusion_loss(
             model,
             ids,
             maskable,
-            mask_id,
+            special.mask,
             positions=positions,
             block_size=block_size or cfg.block_size,
             t_min=cfg.t_min,
@@ -310,7 +321,7 @@ def batch_loss(
             generator=generator,
         )
     t = sample_t(len(batch), cfg.eps, generator, device=batch.ids.device)
-    xt, masked = mask_tokens(batch.ids, t, maskable, mask_id, generator)
+    xt, masked = mask_tokens(batch.ids, t, maskable, special.mask, generator)
     logits, _ = model(xt)
     return diffusion_loss(logits, batch.ids, masked, t, maskable)
 
@@ -572,9 +583,7 @@ def _train(cfg: TrainConfig, vocab: Any, progress: bool, stop_at: int | None) ->
         for _ in range(cfg.grad_accum):
             batch = sampler.next_batch().to(device)
             with _autocast(device, cfg.autocast):
-                loss, _ = batch_loss(
-                    model, batch, cfg, special.mask, structural, generator, block_now
-                )
+                loss, _ = batch_loss(model, batch, cfg, special, structural, generator, block_now)
             (loss / cfg.grad_accum).backward()
             loss_log += loss.detach() / cfg.grad_accum
         grad_norm = (

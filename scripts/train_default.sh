@@ -18,6 +18,7 @@
 #   scripts/train_default.sh stage6      # a further cycle, 40% infill rows (seed 16; not shipped)
 #   scripts/train_default.sh stage7      # from stage 5: a longer cycle, stage 5's mix (seed 17)
 #   scripts/train_default.sh stage8      # from stage 7: text and code 1.5x MIDI (seed 18)
+#   scripts/train_default.sh stage9      # from stage 8: variable-length infill (end a gap early)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -72,6 +73,11 @@ case "${1:-}" in
     # every MIDI gate is met, text words and code bodies sit just below theirs: text and code are
     # now 1.5x as likely as MIDI
     run_pair stage8 ;;
+  stage9)
+    # a short cycle (2e-4 -> 2e-5, 1.5M tokens) from the stage-8 runs: 30% infill rows, half of
+    # the block-diffusion run's text/code gaps given extra slots ended by EOS (`infill_longer`),
+    # so a [MASK:n] longer than the text that fits can end early; the AR run sees the same rows
+    run_pair stage9 ;;
   *)
-    echo "usage: $0 stage1|stage2|stage3|stage4|stage5|stage6|stage7|stage8" >&2; exit 2 ;;
+    echo "usage: $0 stage1|stage2|stage3|stage4|stage5|stage6|stage7|stage8|stage9" >&2; exit 2 ;;
 esac

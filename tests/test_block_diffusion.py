@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_sampler import BOS, MASK, V, fake_vocab
+from test_sampler import BOS, EOS, MASK, PAD, V, fake_vocab
 
 from unmask.models.block_diffusion import (
     _layout,
@@ -15,6 +15,7 @@ from unmask.models.block_diffusion import (
     block_nelbo,
     block_order_nll,
     infill_order,
+    lengthen_gaps,
     reorder_for_infill,
 )
 from unmask.models.block_sampler import BlockCausalState, grid_blocks, new_state
@@ -222,6 +223,57 @@ def test_infill_order_keeps_the_row_length_when_a_gap_at_the_end_is_cut_away():
     assert len(order) == 10 and len(is_gap) == 10
     assert sorted(set(order[is_gap].tolist())) == [3, 4]  # the cut gap is never a target
     assert order[-1].item() == 8  # its first position fills the free slot, as context
+
+
+def _lengthen(x, maskable, gaps, rows, share=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return lengthen_gaps(x, maskable, gaps, rows, share=share, eos_id=EOS, pad_id=PAD,
+                         generator=g)  # fmt: skip
+
+
+def test_a_lengthened_gap_holds_its_text_then_eos_and_pad_and_the_right_side_moves_on():
+    x, targets = rows(1, 16)
+    gaps = torch.zeros_like(targets)
+    gaps[0, 5:8] = True
+    seen = set()
+    for seed in range(12):
+        ids, maskable, spans = _lengthen(x, targets & gaps, gaps, torch.tensor([True]), seed=seed)
+        k = int(spans[0].sum()) - 3  # extra slots
+        seen.add(k)
+        assert 1 <= k <= 3 and ids.shape == x.shape
+        assert ids[0, :8].tolist() == x[0, :8].tolist()  # left side and the gap's own text
+        assert ids[0, 8 : 8 + k].tolist() == [EOS] + [PAD] * (k - 1)  # the end of the span
+        assert ids[0, 8 + k :].tolist() == x[0, 8 : 16 - k].tolist()  # right side, k slots on
+        assert spans[0].nonzero().flatten().tolist() == list(range(5, 8 + k))
+        assert torch.equal(maskable, spans)  # the end-of-span slots are targets too
+    assert seen == {1, 2, 3}
+
+
+def test_only_chosen_gaps_are_lengthened_and_a_gap_ending_the_document_never():
+    x, targets = rows(2, 16)
+    gaps = torch.zeros_like(targets)
+    gaps[:, 5:8] = True
+    ids, maskable, spans = _lengthen(x, targets & gaps, gaps, torch.tensor([False, True]), 0.0)
+    assert torch.equal(ids, x) and torch.equal(spans, gaps)  # share 0: nothing changes
+    ids, _, spans = _lengthen(x, targets & gaps, gaps, torch.tensor([False, True]))
+    assert torch.equal(ids[0], x[0]) and torch.equal(spans[0], gaps[0])  # row not chosen
+    assert not torch.equal(ids[1], x[1])
+    y = x.clone()
+    y[:, 7], y[:, 8:] = EOS, PAD  # the gap holds the document's end
+    ids, _, spans = _lengthen(y, targets & gaps, gaps, torch.tensor([True, True]))
+    assert torch.equal(ids, y) and torch.equal(spans, gaps)
+
+
+def test_an_eos_in_an_infill_gap_ends_that_gap_and_keeps_the_right_side():
+    m = tiny()
+    right = [9, 10, 11, 12, 13]
+    canvas = Canvas([Fixed([BOS, 4, 5, 6]), Masked(2, "text"), Masked(6, "text", (EOS,)),
+                     Fixed(right)])  # fmt: skip
+    res = generate(m, canvas, SamplerParams(gen_length=8, steps=8), fake_vocab())
+    ids = res.ids.tolist()
+    assert ids[:4] == [BOS, 4, 5, 6] and ids[12:] == right
+    assert ids[6] == EOS and ids[7:12] == [PAD] * 5  # the span ended at its EOS
+    assert EOS not in ids[4:6] and PAD not in ids[4:6]
 
 
 def test_a_reordered_gap_sees_the_text_on_its_right():

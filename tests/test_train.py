@@ -221,6 +221,18 @@ def test_train_writes_a_loadable_model_directory(corpus, tmp_path, objective):
     assert (out / checkpoint.CARD).exists() and (out / STATE_FILE).exists()
 
 
+def test_block_diffusion_trains_on_infill_rows_with_lengthened_gaps(corpus, tmp_path):
+    cfg = tiny_config(corpus, tmp_path / "bd", objective="block_diffusion", block_size=4,
+                      prompt_share=0.0, infill_share=1.0, infill_longer=1.0)  # fmt: skip
+    out = train(cfg, vocab=FakeVocab(), progress=False)
+    model, _, meta = checkpoint.load(out, vocab_loader=FakeVocab.load)
+    assert model.config.attention == "block_causal" and meta["training"]["steps"] == 6
+    assert all(np.isfinite(v) and v > 0 for v in meta["eval"].values())
+    with pytest.raises(InvalidArgument) as err:
+        TrainConfig(infill_longer=1.5)
+    assert err.value.field == "infill_longer"
+
+
 def test_resumed_training_continues_from_the_saved_step_exactly(corpus, tmp_path):
     vocab = FakeVocab()
     whole = train(tiny_config(corpus, tmp_path / "whole"), vocab=vocab, progress=False)
