@@ -39,6 +39,28 @@ def gates_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def longer_gaps_table(report: dict) -> str:
+    """Variable-length infill (not a gate: the issue sets no number): gaps longer than the
+    text cut out of them, which a fill should end early with an end-of-span."""
+    rows = []
+    for m, r in report.get("modalities", {}).items():
+        g = (r.get("infill") or {}).get("longer_gaps")
+        if g:
+            rows.append(f"| {m} | {g['rows']} | +{g['extra_slots']} | {_f(g['ends_early_rate'])} "
+                        f"| {_f(g['mean_tokens_written'], '.1f')} | {_f(g['fixed_kept_rate'])} |")  # fmt: skip
+    if not rows:
+        return ""
+    head = [
+        f"Variable-length infill: held-out windows whose gap is given "
+        f"{report['config'].get('infill_gap', '?')} + extra slots for the text cut out of it; "
+        "a fill that fits ends early with an end-of-span (EOS; the span's rest becomes PAD).",
+        "",
+        "| modality | gaps | extra slots | ended early | tokens written | fixed text kept |",
+        "|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + rows)
+
+
 def likelihood_table(report: dict) -> str:
     rows = [
         "| modality | NELBO (nats/token) | AR NLL | ratio | left-to-right NLL | ratio |",
@@ -137,6 +159,9 @@ def main() -> None:
         parts += [Path(args.recipe).read_text().rstrip(), ""]
     parts += ["## Quality gates (held-out test split, default settings, `unmask eval`)", "",
               likelihood_table(report), "", gates_table(report), ""]  # fmt: skip
+    longer = longer_gaps_table(report)
+    if longer:
+        parts += [longer, ""]
     if args.speed and Path(args.speed).exists():
         parts += [
             "## Training throughput",
