@@ -251,9 +251,11 @@ def block_diffusion_loss(
     generator: torch.Generator | None = None,
     t_fixed: float | None = None,
     positions: Tensor | None = None,
+    target_weight: Tensor | None = None,
 ) -> tuple[Tensor, LossStats]:
     """One BD3 training/eval pass. x0 [B, L] clean ids, maskable [B, L] targets; positions [B, L]
-    the RoPE position of each slot when rows are reordered (default 0..L-1).
+    the RoPE position of each slot when rows are reordered (default 0..L-1); target_weight [B, L]
+    an extra loss weight per target (training only: the result is then no longer a NELBO).
 
     Returns (scalar NELBO-per-token estimate, LossStats with per-row sums). `t_fixed` masks every
     block at that level (t_fixed=1: all targets masked, a deterministic loss).
@@ -266,8 +268,9 @@ def block_diffusion_loss(
         x0, maskable, block_size, t_min, t_max, complementary, generator, t_fixed
     )
     k = len(copies)
+    extra = 1.0 if target_weight is None else target_weight
     row_loss, n_targets = _copies_loss(
-        model, x0, [(m, m, 1.0 / t_pos) for m, t_pos in copies], mask_id, block_size, positions
+        model, x0, [(m, m, extra / t_pos) for m, t_pos in copies], mask_id, block_size, positions
     )
     row_loss = row_loss / k  # each copy is one estimate of the same NELBO
     row_tokens = maskable.sum(dim=1)

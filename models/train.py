@@ -78,6 +78,10 @@ class TrainConfig:
     # share of text/code gaps (of rows in infill order) given extra slots ended by EOS, so the
     # model learns to end a [MASK:n] early (block diffusion; `lengthen_gaps`)
     infill_longer: float = 0.0
+    # loss weight of an EOS that ends an infill gap (block diffusion): ~1 such target per gap,
+    # against a prior learned from EOS only at a document's end, so unweighted it is learned
+    # slowly (docs/model_experiments.md, stage 9b)
+    span_end_weight: float = 1.0
     d_model: int = 256  # residual stream width
     n_layers: int = 6  # Transformer blocks
     n_heads: int = 4  # attention heads
@@ -131,6 +135,7 @@ class TrainConfig:
             "t_min": 0.0 < self.t_min <= self.t_max <= 1.0,
             "infill_reorder": 0.0 <= self.infill_reorder <= 1.0,
             "infill_longer": 0.0 <= self.infill_longer <= 1.0,
+            "span_end_weight": self.span_end_weight > 0,
             "schedule": self.schedule in ("cosine", "constant"),
             "autocast": self.autocast in ("auto", "bf16", "off"),
             "lr": self.lr > 0,
@@ -296,7 +301,7 @@ def batch_loss(
         keep_rows=batch.keep_structure,
     )
     if cfg.objective == "block_diffusion":
-        ids, positions = batch.ids, None
+        ids, positions, weight = batch.ids, None, None
         infill_rows = ~batch.spans.all(dim=1)
         if cfg.infill_reorder > 0 and bool(infill_rows.any()):
             u = torch.rand(len(batch), generator=generator, device=generator.device)
@@ -308,6 +313,9 @@ def batch_loss(
                     eos_id=special.eos, pad_id=special.pad, generator=generator,
                 )  # fmt: skip
             ids, maskable, positions = reorder_for_infill(ids, maskable, spans, chosen)
+            if cfg.span_end_weight != 1.0:  # in reordered rows the targets are the gaps
+                ends = chosen[:, None] & maskable & (ids == special.eos)
+                weight = 1.0 + (cfg.span_end_weight - 1.0) * ends.float()
         return block_diffusion_loss(
             model,
             ids,
@@ -319,6 +327,7 @@ def batch_loss(
             t_max=cfg.t_max,
             complementary=cfg.complementary,
             generator=generator,
+            target_weight=weight,
         )
     t = sample_t(len(batch), cfg.eps, generator, device=batch.ids.device)
     xt, masked = mask_tokens(batch.ids, t, maskable, special.mask, generator)

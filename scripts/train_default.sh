@@ -19,6 +19,7 @@
 #   scripts/train_default.sh stage7      # from stage 5: a longer cycle, stage 5's mix (seed 17)
 #   scripts/train_default.sh stage8      # from stage 7: text and code 1.5x MIDI (seed 18)
 #   scripts/train_default.sh stage9      # from stage 8: variable-length infill (end a gap early)
+#   scripts/train_default.sh stage10     # from stage 7: variable-length infill, end-of-span weighted
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -78,6 +79,11 @@ case "${1:-}" in
     # the block-diffusion run's text/code gaps given extra slots ended by EOS (`infill_longer`),
     # so a [MASK:n] longer than the text that fits can end early; the AR run sees the same rows
     run_pair stage9 ;;
+  stage10)
+    # a short cycle (2e-4 -> 2e-5, 3M tokens) from the stage-7 models (the shipped ones), stage
+    # 7's mix, 35% infill rows: 70% of the block-diffusion run's text/code gaps lengthened and the
+    # EOS ending a gap weighted 6x (stage 9b: unweighted, ~500 such targets barely moved p(EOS))
+    run_pair stage10 ;;
   *)
-    echo "usage: $0 stage1|stage2|stage3|stage4|stage5|stage6|stage7|stage8|stage9" >&2; exit 2 ;;
+    echo "usage: $0 stage1|stage2|...|stage10" >&2; exit 2 ;;
 esac

@@ -276,6 +276,20 @@ def test_an_eos_in_an_infill_gap_ends_that_gap_and_keeps_the_right_side():
     assert EOS not in ids[4:6] and PAD not in ids[4:6]
 
 
+def test_a_target_weight_scales_only_the_loss_of_the_targets_it_weights():
+    m = tiny()
+    x, targets = rows(2, 16)
+    base, _ = block_diffusion_loss(m, x, targets, MASK, block_size=4, t_fixed=1.0)
+    twice, _ = block_diffusion_loss(m, x, targets, MASK, block_size=4, t_fixed=1.0,
+                                    target_weight=torch.full(x.shape, 2.0))  # fmt: skip
+    assert torch.allclose(twice, 2 * base)
+    one = torch.ones(x.shape)
+    one[1, 9] = 5.0  # one target of the second row
+    _, a = block_diffusion_loss(m, x, targets, MASK, block_size=4, t_fixed=1.0)
+    _, b = block_diffusion_loss(m, x, targets, MASK, block_size=4, t_fixed=1.0, target_weight=one)
+    assert torch.allclose(a.row_loss[0], b.row_loss[0]) and b.row_loss[1] > a.row_loss[1]
+
+
 def test_a_reordered_gap_sees_the_text_on_its_right():
     m = tiny()
     x, targets = rows(1, 16)

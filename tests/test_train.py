@@ -223,7 +223,8 @@ def test_train_writes_a_loadable_model_directory(corpus, tmp_path, objective):
 
 def test_block_diffusion_trains_on_infill_rows_with_lengthened_gaps(corpus, tmp_path):
     cfg = tiny_config(corpus, tmp_path / "bd", objective="block_diffusion", block_size=4,
-                      prompt_share=0.0, infill_share=1.0, infill_longer=1.0)  # fmt: skip
+                      prompt_share=0.0, infill_share=1.0, infill_longer=1.0,
+                      span_end_weight=8.0)  # fmt: skip
     out = train(cfg, vocab=FakeVocab(), progress=False)
     model, _, meta = checkpoint.load(out, vocab_loader=FakeVocab.load)
     assert model.config.attention == "block_causal" and meta["training"]["steps"] == 6
@@ -231,6 +232,9 @@ def test_block_diffusion_trains_on_infill_rows_with_lengthened_gaps(corpus, tmp_
     with pytest.raises(InvalidArgument) as err:
         TrainConfig(infill_longer=1.5)
     assert err.value.field == "infill_longer"
+    with pytest.raises(InvalidArgument) as err:
+        TrainConfig(span_end_weight=0.0)
+    assert err.value.field == "span_end_weight"
 
 
 def test_resumed_training_continues_from_the_saved_step_exactly(corpus, tmp_path):
