@@ -320,15 +320,18 @@ def block_order_nll(
     *,
     block_size: int,
     positions: Tensor | None = None,
+    targets: Tensor | None = None,
 ) -> tuple[float, Tensor]:
     """Exact NLL of `maskable` tokens when each block is decoded left to right, one token per
     step (the default sampler's order): -sum log p(x_i | earlier blocks, the block's tokens left
     of i). Unlike the NELBO (an average over random unmasking orders, an upper bound), this is the
     likelihood of one decoding process, and no sampling is involved. One forward with
     `block_size` noisy copies: copy j masks the maskable slots at offset >= j of every block and
-    takes the loss at offset j. Returns (nats per maskable token, row NLL [B] in nats)."""
+    takes the loss at offset j. `targets` [B, L] (a subset of maskable) limits the loss to those
+    slots, still decoded in that order. Returns (nats per target, row NLL [B] in nats)."""
     offset = torch.arange(ids.shape[1], device=ids.device) % block_size  # [L] slot in its block
     ones = torch.ones_like(ids, dtype=torch.float32)
-    copies = [(maskable & (offset >= j), maskable & (offset == j), ones) for j in range(block_size)]
+    targets = maskable if targets is None else targets & maskable
+    copies = [(maskable & (offset >= j), targets & (offset == j), ones) for j in range(block_size)]
     row, _ = _copies_loss(model, ids, copies, mask_id, block_size, positions)
-    return float(row.sum() / maskable.sum().clamp(min=1)), row
+    return float(row.sum() / targets.sum().clamp(min=1)), row

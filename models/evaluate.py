@@ -462,6 +462,32 @@ def gap_order_nll(gen: Generator, ids: Tensor, gaps: Tensor) -> float:
     return block_order_nll(gen.model, z, maskable, mask_id, block_size=block_size, positions=pos)[0]
 
 
+@torch.no_grad()
+def end_of_span_nll(gen: Generator, ids: Tensor, gaps: Tensor, extra: int) -> float:
+    """Nats of the EOS that ends a gap `extra` slots longer than its text: each gap is followed by
+    EOS then PAD (as `lengthen_gaps` trains it), decoded in infill order left to right, and the
+    loss is taken at the EOS only, given the gap's true text. ~0 means the model ends a gap where
+    its text does; the prior of one EOS in a gap is ~log(gap length) nats."""
+    from unmask.models.block_diffusion import block_order_nll, reorder_for_infill
+
+    eos, pad = int(gen.vocab.eos_id), int(gen.vocab.pad_id)
+    rows, spans, ends = [], [], []
+    for row, gap in zip(ids.tolist(), gaps.tolist(), strict=True):
+        end = len(gap) - gap[::-1].index(True)  # one past the gap's last slot
+        rows.append(row[:end] + [eos] + [pad] * (extra - 1) + row[end:])
+        spans.append(gap[:end] + [True] * extra + gap[end:])
+        ends.append([False] * end + [True] + [False] * (len(row) - end + extra - 1))
+    device = next(gen.model.parameters()).device
+    z, span, end_mask = (torch.tensor(x, device=device) for x in (rows, spans, ends))
+    chosen = torch.ones(len(rows), dtype=torch.bool, device=device)
+    z2, maskable, pos = reorder_for_infill(z, span, span, chosen)  # pos: the order of the slots
+    ends2 = end_mask.gather(1, pos) & maskable
+    block_size = gen.model.config.block_size
+    mask_id = int(gen.vocab.mask_id)
+    return block_order_nll(gen.model, z2, maskable, mask_id, block_size=block_size, positions=pos,
+                           targets=ends2)[0]  # fmt: skip
+
+
 def _infills(
     gen: Generator, ids: Tensor, gaps: Tensor, modality: str, cfg, n: int, extra: int = 0
 ) -> list[tuple[bool, Any]]:
@@ -497,6 +523,7 @@ def infill_longer_gaps(gen: Generator, ids: Tensor, gaps: Tensor, modality: str,
                for (_, g), e in zip(runs, ended, strict=True)]  # fmt: skip
     n = max(len(runs), 1)
     return {"rows": len(runs), "extra_slots": extra, "ends_early_rate": sum(ended) / n,
+            "end_of_span_nll": end_of_span_nll(gen, ids, gaps, extra) if len(ids) else None,
             "fixed_kept_rate": sum(k for k, _ in runs) / n,
             "mean_tokens_written": sum(written) / n}  # fmt: skip
 

@@ -47,7 +47,8 @@ def longer_gaps_table(report: dict) -> str:
         g = (r.get("infill") or {}).get("longer_gaps")
         if g:
             rows.append(f"| {m} | {g['rows']} | +{g['extra_slots']} | {_f(g['ends_early_rate'])} "
-                        f"| {_f(g['mean_tokens_written'], '.1f')} | {_f(g['fixed_kept_rate'])} |")  # fmt: skip
+                        f"| {_f(g['mean_tokens_written'], '.1f')} | {_f(g['fixed_kept_rate'])} "
+                        f"| {_f(g.get('end_of_span_nll'), '.2f')} |")  # fmt: skip
     if not rows:
         return ""
     head = [
@@ -55,8 +56,9 @@ def longer_gaps_table(report: dict) -> str:
         f"{report['config'].get('infill_gap', '?')} + extra slots for the text cut out of it; "
         "a fill that fits ends early with an end-of-span (EOS; the span's rest becomes PAD).",
         "",
-        "| modality | gaps | extra slots | ended early | tokens written | fixed text kept |",
-        "|---|---|---|---|---|---|",
+        "| modality | gaps | extra slots | ended early | tokens written | fixed text kept "
+        "| EOS NLL at the text's end (nats) |",
+        "|---|---|---|---|---|---|---|",
     ]
     return "\n".join(head + rows)
 

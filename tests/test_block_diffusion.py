@@ -104,6 +104,16 @@ def test_left_to_right_order_nll_is_the_sum_of_one_token_steps_of_the_plain_forw
     assert torch.allclose(row, expected, atol=1e-4)
 
 
+def test_order_nll_of_a_subset_of_targets_keeps_the_decoding_order():
+    m = tiny(block_size=4)
+    x, targets = rows(2, 16)
+    _, whole = block_order_nll(m, x, targets, MASK, block_size=4)
+    some = targets & (torch.arange(16) % 3 == 0)  # loss at these only, every target still masked
+    _, a = block_order_nll(m, x, targets, MASK, block_size=4, targets=some)
+    _, b = block_order_nll(m, x, targets, MASK, block_size=4, targets=targets & ~some)
+    assert torch.allclose(a + b, whole, atol=1e-4) and (a > 0).all()
+
+
 def test_left_to_right_order_nll_at_block_size_one_is_the_ar_nll():
     ar = tiny("causal", shift=False)
     bd = tiny("block_causal", block_size=1, shift=True)

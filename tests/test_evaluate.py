@@ -11,6 +11,7 @@ from pathlib import Path
 import mido
 import numpy as np
 import pytest
+import torch
 
 from unmask.corpus.shards import write_docs
 from unmask.errors import InvalidArgument
@@ -19,12 +20,14 @@ from unmask.models.evaluate import (
     EvalConfig,
     add_eval_args,
     config_from_args,
+    end_of_span_nll,
     evaluate_model,
     format_report,
     parses,
     parsing_prefix,
     unigram_entropy,
 )
+from unmask.models.generation import Generator
 from unmask.models.train import TrainConfig, train
 
 SENTENCES = [
@@ -261,3 +264,11 @@ def test_a_block_diffusion_model_reports_its_left_to_right_nll_and_gates_infill_
     assert gate["value"] == inf["gap_nll_left_to_right"] and gate["nelbo"] == inf["gap_nll"]
     assert gate["threshold"] == inf["ar_left_only_gap_nll"] and gate["met"] in (True, False)
     assert "L2R NLL" in format_report(res)
+    # variable-length infill: the NLL of the EOS that ends a gap longer than its text
+    gen = Generator.load(bd, dtype="float32")
+    head = [int(gen.vocab.bos_id), int(gen.vocab.tag_id("text"))]
+    ids = torch.tensor([head + gen.vocab.encode("the cat sat on the mat and then it", "text")])
+    gaps = torch.zeros_like(ids, dtype=torch.bool)
+    gaps[0, 4:7] = True
+    short, long = (end_of_span_nll(gen, ids, gaps, extra) for extra in (1, 3))
+    assert 0 < short < 50 and 0 < long < 50 and short != long  # the right side moves on
