@@ -162,6 +162,9 @@ class BlockCausalState(SamplerState):
             need = torch.arange(lo, hi, device=self.device)
         else:
             need = lo + self.masked[lo:hi].nonzero().flatten()
+            n_read = self.read_positions(need.numel())  # e.g. only the leftmost, left to right
+            if n_read is not None:
+                need = need[:n_read]
         # token shift: position j is predicted by the output at j - 1; the block start's
         # prediction (output lo - 1, a finished block) is only in the block's first window
         src = need - 1 if self.token_shift else need

@@ -718,13 +718,27 @@ class SamplerState:
         # (argmax) as their tentative token for the step's event, if anyone reads it
         n_open = n_draw = open_pos.numel()
         if in_order and p.threshold is None and p.threshold_factor is None:
-            n_draw = min(max(self._commit_count(n_open), 1), n_draw)
+            n_draw = self._fixed_draws(n_open)
             if not self.tentative:
                 open_pos = open_pos[:n_draw]
         open_logits = self._constrained(logits, open_pos, first, tables)
         self._step_state = (logits, first, tables, block_pos, is_open, open_pos, open_logits,
                             n_draw, n_open)  # fmt: skip
         return Draw(open_logits[:n_draw], p.temperature, p.top_k, p.top_p, self.generator, score)
+
+    def _fixed_draws(self, n_open: int) -> int:
+        """Left to right at a fixed count: how many of the leftmost open positions are sampled."""
+        return min(max(self._commit_count(n_open), 1), n_open)
+
+    def read_positions(self, n_open: int) -> int | None:
+        """How many of the block's leftmost open positions this step reads logits of: all of
+        them (None) unless it commits a fixed count left to right and reports no guesses for
+        the rest (no step events); then only those it samples."""
+        p = self.params
+        if (self.tentative or p.position_score != "left_to_right" or p.threshold is not None
+                or p.threshold_factor is not None):  # fmt: skip
+            return None
+        return self._fixed_draws(n_open)
 
     def _commit_count(self, n_open: int) -> int:
         """Tokens the fixed schedule commits this step (all of them on a capped last step)."""

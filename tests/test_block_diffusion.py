@@ -382,17 +382,22 @@ def test_a_job_without_tentative_guesses_draws_the_same_tokens():
     canvas = Canvas([Fixed([BOS, 5, 6]), Masked(13, "text")])
     params = SamplerParams(gen_length=13, steps=13, position_score="left_to_right",
                            temperature=1.0, top_p=0.9, seed=3)  # fmt: skip
-    runs = []
+    runs, head_rows = [], []
     for tentative in (True, False):
         state = new_state(m, canvas, params, fake_vocab())
         state.tentative = tentative
-        events = []
+        events, rows_read = [], []
         with torch.no_grad():
             while not state.done:
-                events.append(state.advance(*step_logits(m, state.prepare_inputs())))
+                inputs = state.prepare_inputs()
+                rows_read.append(int(inputs.out_positions.numel()))
+                events.append(state.advance(*step_logits(m, inputs)))
         runs.append((state.result().ids.tolist(), events))
+        head_rows.append(rows_read)
     (ids_a, ev_a), (ids_b, ev_b) = runs
     assert ids_a == ids_b
+    # the vocabulary head ran over the block's open positions, then over the one committed
+    assert sum(head_rows[0]) > len(head_rows[0]) and head_rows[1] == [1] * len(head_rows[1])
     assert any(e.tentative_positions.numel() for e in ev_a)
     assert all(e.tentative_positions.numel() == 0 for e in ev_b)
     assert [e.committed_positions.tolist() for e in ev_a] == [
