@@ -968,6 +968,7 @@ def generate(
     from unmask.models.block_sampler import new_state  # late: it builds on this module
 
     state = new_state(model, canvas, params, vocab, device=model_device(model))
+    state.tentative = on_step is not None  # guesses for open positions only feed step events
     while not state.done:
         logits, cache = step_logits(model, state.prepare_inputs())
         event = state.advance(logits, cache)
