@@ -471,21 +471,20 @@ def end_of_span_nll(gen: Generator, ids: Tensor, gaps: Tensor, extra: int) -> fl
     from unmask.models.block_diffusion import block_order_nll, reorder_for_infill
 
     eos, pad = int(gen.vocab.eos_id), int(gen.vocab.pad_id)
-    rows, spans, ends = [], [], []
+    rows, spans = [], []
     for row, gap in zip(ids.tolist(), gaps.tolist(), strict=True):
         end = len(gap) - gap[::-1].index(True)  # one past the gap's last slot
         rows.append(row[:end] + [eos] + [pad] * (extra - 1) + row[end:])
         spans.append(gap[:end] + [True] * extra + gap[end:])
-        ends.append([False] * end + [True] + [False] * (len(row) - end + extra - 1))
     device = next(gen.model.parameters()).device
-    z, span, end_mask = (torch.tensor(x, device=device) for x in (rows, spans, ends))
+    z, span = torch.tensor(rows, device=device), torch.tensor(spans, device=device)
     chosen = torch.ones(len(rows), dtype=torch.bool, device=device)
-    z2, maskable, pos = reorder_for_infill(z, span, span, chosen)  # pos: the order of the slots
-    ends2 = end_mask.gather(1, pos) & maskable
+    z, maskable, pos = reorder_for_infill(z, span, span, chosen)
+    ends = maskable & (z == eos)  # the window's text holds no EOS: the one we put in
     block_size = gen.model.config.block_size
     mask_id = int(gen.vocab.mask_id)
-    return block_order_nll(gen.model, z2, maskable, mask_id, block_size=block_size, positions=pos,
-                           targets=ends2)[0]  # fmt: skip
+    return block_order_nll(gen.model, z, maskable, mask_id, block_size=block_size, positions=pos,
+                           targets=ends)[0]  # fmt: skip
 
 
 def _infills(
