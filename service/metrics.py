@@ -59,9 +59,9 @@ class RpcMetrics:
         """`outcome`: the status code's name; anything else (an exception that escaped a
         handler) reaches the client as UNKNOWN and is counted so."""
         service, name = _split(method)
-        RPC_IN_FLIGHT.labels(service, name).dec()
         RPC_REQUESTS.labels(service, name, outcome if outcome in _CODES else "UNKNOWN").inc()
         RPC_DURATION.labels(service, name).observe(seconds)
+        RPC_IN_FLIGHT.labels(service, name).dec()  # last: no call in flight = all counted
 
 
 class _ModelsCollector(Collector):

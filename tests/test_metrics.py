@@ -11,6 +11,7 @@ the front-end checks compare the values before and after the calls.
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import pytest
@@ -49,6 +50,18 @@ class Scrape:
         return (name, frozenset(labels.items())) in self.samples
 
 
+def settled(port: int, timeout: float = 10.0) -> Scrape:
+    """A scrape once no call is in flight: a client can see a call's status a moment before
+    the server's interceptor has counted it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        scrape = Scrape(port)
+        busy = sum(v for (name, _), v in scrape.samples.items() if name == "unmask_rpc_in_flight")
+        if busy == 0 or time.monotonic() > deadline:
+            return scrape
+        time.sleep(0.05)
+
+
 # ---- the embedded front end -----------------------------------------------------------------
 
 
@@ -80,7 +93,7 @@ def test_front_end_counts_calls_by_method_and_code_and_the_engine_work(server):
         with pytest.raises(ServiceError) as err:  # refused before it reaches the Engine
             client.run(pb.GenerateRequest(prompt="x", params=pb.SamplerParams(top_p=2.0)))
         assert err.value.code == "INVALID_ARGUMENT"
-    after = Scrape(port)
+    after = settled(port)
 
     def delta(name: str, **labels: str) -> float:
         return after(name, **labels) - before(name, **labels)
