@@ -43,7 +43,6 @@ from unmask.models.sampler import (
     SamplerState,
     StepEvent,
     StepInputs,
-    kv_keep,
 )
 from unmask.models.sampler_params import SamplerParams
 
@@ -196,7 +195,7 @@ class BlockCausalState(SamplerState):
             if cache is None:
                 raise InvalidArgument("this step asked for a KVCache", field="cache")
             # cache = past ++ window (positions 0..hi-1): keep the whole blocks before this one
-            self.cache = kv_keep(cache, torch.arange(lo, device=self.device))
+            self.cache = cache.truncate(lo)
             self.cache_len = lo
         predicted = inputs.out_positions + start + int(self.token_shift)  # canvas positions
         # the parent's step reads logits [hi - lo, V] by canvas position; rows it never reads

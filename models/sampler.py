@@ -255,7 +255,8 @@ def split_outputs(
             if batch.past is not None:
                 own = batch.past.pad_mask[row].nonzero().flatten().to(keep.device)
                 keep = torch.cat([own, keep])
-            row_cache = kv_keep(cache if len(batch.widths) == 1 else cache.select([row]), keep)
+            # the row as a view, then one copy of the positions it keeps
+            row_cache = kv_keep(cache.select(slice(row, row + 1)), keep)
         n = batch.n_out[row] if batch.n_out else width
         out.append((logits[row, :n], row_cache))
     return out
@@ -271,56 +272,52 @@ def filter_top_k(logits: Tensor, top_k: int) -> Tensor:
 
 TOP_P_BUCKETS = 256  # filter_top_p: log-probability buckets, TOP_P_BUCKET_NATS wide each
 TOP_P_BUCKET_NATS = 0.125
-TOP_P_BATCHED_CUT = 128  # cut buckets up to this size are resolved for all rows at once
 
 
 def filter_top_p(logits: Tensor, top_p: float) -> Tensor:
-    """Keep the smallest set of most likely ids whose probability reaches top_p (1.0 = all).
-
-    The same ids as sorting each row (`filter_top_p_sorted`), without sorting the vocabulary:
-    a small model's nucleus holds thousands of ids, and a stable sort of every row of every job
-    was the largest cost of a denoising step after the forward pass. The ids are bucketed by
-    log-probability below the row's best (`TOP_P_BUCKET_NATS` wide); the mass of each bucket
-    says which buckets lie wholly inside the nucleus or wholly outside; only the one bucket
-    the cut falls into is sorted."""
+    """Keep the smallest set of most likely ids whose probability reaches top_p (1.0 = all):
+    the same ids as sorting each row (`filter_top_p_sorted`), by `top_p_keep`."""
     if top_p >= 1.0 or logits.shape[0] == 0:
         return logits
+    _, keep = top_p_keep(logits, top_p)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def top_p_keep(logits: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
+    """(softmax of the logits [N, V], bool [N, V]: the ids of each row's nucleus).
+
+    Without sorting the vocabulary: a small model's nucleus holds thousands of ids, and a
+    stable sort of every row of every job was the largest cost of a denoising step after the
+    forward pass. The ids are bucketed by log-probability below the row's best
+    (`TOP_P_BUCKET_NATS` wide); the mass of each bucket says which buckets lie wholly inside the
+    nucleus or wholly outside; only the ids of the bucket the cut falls into are sorted, those
+    of every row in one sort (ties: the lower id first, as a stable sort of the row has them)."""
     N, V = logits.shape
     probs = logits.softmax(dim=-1)
     top = logits.max(dim=-1, keepdim=True).values
-    bucket = ((top - logits) / TOP_P_BUCKET_NATS).nan_to_num(posinf=TOP_P_BUCKETS)
-    bucket = bucket.floor().clamp(0, TOP_P_BUCKETS - 1).long()  # 0 = the most likely ids
-    rows = torch.arange(N, device=logits.device)[:, None] * TOP_P_BUCKETS
-    mass = torch.zeros(N * TOP_P_BUCKETS, dtype=probs.dtype, device=probs.device)
-    mass = mass.index_add_(0, (bucket + rows).flatten(), probs.flatten()).view(N, -1)
+    # below the best, in buckets; -inf logits (banned ids) land in the last bucket
+    bucket = (top - logits).mul_(1 / TOP_P_BUCKET_NATS).nan_to_num_(posinf=TOP_P_BUCKETS)
+    bucket = bucket.clamp_(0, TOP_P_BUCKETS - 1).long()  # truncation = floor here: 0 = best
+    mass = probs.new_zeros(N, TOP_P_BUCKETS).scatter_add_(1, bucket, probs)  # [N, buckets]
     before = mass.cumsum(dim=-1) - mass  # probability of every more likely bucket
     # the cut falls in the last bucket that starts below top_p
     cut = (before < top_p).sum(dim=-1, keepdim=True) - 1  # [N, 1]
     keep = bucket < cut
-    # the cut's bucket, all rows at once: its ids (lowest id first among equals, as a stable
-    # sort has them), most likely first, kept while the mass before them is below top_p
-    in_cut = bucket == cut
-    counts = in_cut.sum(dim=-1)
-    small = counts <= TOP_P_BATCHED_CUT  # rows resolved together; a flat row's big bucket alone
-    before_cut = before.gather(-1, cut)
-    if bool(small.any()):
-        rows_s = small.nonzero().flatten()
-        sub_cut, sub_probs = in_cut[rows_s], probs[rows_s]
-        k = int(counts[rows_s].max())
-        at = torch.where(sub_cut, sub_probs, -1.0).topk(k, dim=-1).indices.sort(dim=-1).values
-        p = torch.where(sub_cut.gather(-1, at), sub_probs.gather(-1, at), -1.0)
-        order = torch.sort(p, dim=-1, descending=True, stable=True).indices
-        at, p = at.gather(-1, order), p.gather(-1, order).clamp(min=0.0)
-        inside = (before_cut[rows_s] + p.cumsum(dim=-1) - p) < top_p
-        sub_keep = keep[rows_s]
-        sub_keep.scatter_(-1, at, sub_keep.gather(-1, at) | (inside & sub_cut.gather(-1, at)))
-        keep[rows_s] = sub_keep
-    for row in (~small).nonzero().flatten().tolist():
-        at = in_cut[row].nonzero().flatten()
-        order = torch.sort(probs[row, at], descending=True, stable=True).indices
-        p = probs[row, at[order]]
-        keep[row, at[order]] = (before_cut[row] + p.cumsum(dim=0) - p) < top_p
-    return logits.masked_fill(~keep, float("-inf"))
+    # the cut's bucket, every row at once: most likely first within each row, kept while the
+    # mass before them is below top_p
+    r, c = (bucket == cut).nonzero(as_tuple=True)  # by row, then id
+    p = probs[r, c].double()
+    order = torch.sort(p, descending=True, stable=True).indices
+    order = order[torch.sort(r[order], stable=True).indices]  # rows together again
+    r, c, p = r[order], c[order], p[order]
+    # each row's ids side by side ([N, most in a cut]) for a cumulative sum per row
+    counts = torch.bincount(r, minlength=N)
+    rank = torch.arange(r.numel(), device=r.device) - (counts.cumsum(dim=0) - counts)[r]
+    side = p.new_zeros(N, int(counts.max()) if r.numel() else 0).index_put_((r, rank), p)
+    ahead = (side.cumsum(dim=-1) - side)[r, rank]  # mass of the row's cut ids before each
+    inside = before.gather(-1, cut)[r, 0] + ahead < top_p
+    keep[r[inside], c[inside]] = True
+    return probs, keep
 
 
 def filter_top_p_sorted(logits: Tensor, top_p: float) -> Tensor:
@@ -335,15 +332,30 @@ def filter_top_p_sorted(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-    """Standard Gumbel noise in float64, drawn on the CPU so a seed gives the same ids anywhere."""
-    return gumbel_from_uniform(torch.rand(shape, generator=generator, dtype=torch.float64))
+def sample_with_noise(
+    logits: Tensor, temperature: float, top_k: int, top_p: float, uniforms: Tensor
+) -> Tensor:
+    """One id per row of logits [N, V] at temperature > 0: the exponential race, argmax of
+    p_i / E_i with E_i = -log u_i ~ Exp(1), picks id i with probability p_i (the tempered,
+    filtered distribution), as Gumbel-max does, with one log per id instead of two and in
+    float32. uniforms [N, V] float32 in [0, 1), one per id. Each id competes only with its own
+    noise, so logits that differ in their last bits (bf16, batched or not) rarely change the
+    pick; an inverse-CDF draw (one uniform per row) would move with the sum of those bits."""
+    z = filter_top_k(logits.float() / temperature, top_k)
+    if top_p < 1.0:
+        probs, keep = top_p_keep(z, top_p)
+        probs = probs.masked_fill_(~keep, 0.0)  # filtered ids: 0 / E never wins
+    else:
+        probs = z.softmax(dim=-1)
+    tiny = torch.finfo(torch.float32).tiny  # u = 0 would make E infinite
+    exp = uniforms.to(probs.device).clamp_(min=tiny).log_().neg_()
+    return (probs / exp).argmax(dim=-1)
 
 
-def gumbel_from_uniform(u: Tensor) -> Tensor:
-    """-log(-log u), u float64 in [0, 1) (clamped away from 0 and 1)."""
-    tiny = torch.finfo(torch.float64).tiny
-    return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 2**-53)))
+def noise_for(rows: int, vocab_size: int, generator: torch.Generator) -> Tensor:
+    """The uniforms of `rows` rows [rows, V] for `sample_with_noise`, drawn on the CPU from the
+    job's own generator, so a seed gives the same ids anywhere."""
+    return torch.rand(rows, vocab_size, generator=generator)
 
 
 def sample_tokens(
@@ -353,16 +365,15 @@ def sample_tokens(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """One id per row of logits [N, V]: argmax at temperature 0, else Gumbel-max in float64."""
+    """One id per row of logits [N, V]: argmax at temperature 0, else `sample_with_noise`."""
     if logits.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=logits.device)
     if temperature == 0:
         return logits.argmax(dim=-1)
     if generator is None:
         raise InvalidArgument("sampling at temperature > 0 needs a generator", field="seed")
-    z = logits.double() / temperature
-    z = filter_top_p(filter_top_k(z, top_k), top_p)
-    return (z + gumbel_noise(tuple(z.shape), generator).to(z.device)).argmax(dim=-1)
+    u = noise_for(logits.shape[0], logits.shape[1], generator)
+    return sample_with_noise(logits, temperature, top_k, top_p, u)
 
 
 def score_positions(logits: Tensor, tokens: Tensor, method: str = "probability") -> Tensor:
@@ -385,9 +396,11 @@ def score_positions(logits: Tensor, tokens: Tensor, method: str = "probability")
 
 @dataclass(frozen=True, eq=False)
 class Draw:
-    """One job's sampling for one step: constrained logits rows [N, V], its knobs, its own
-    seeded generator (so a job's tokens never depend on the jobs batched with it), and the
-    position score to report."""
+    """One job's sampling for one step: logits rows [N, V], its knobs, its own seeded generator
+    (so a job's tokens never depend on the jobs batched with it), and the position score to
+    report. The rows are constrained already, or (`allowed`) raw rows whose allowed ids are
+    `allowed[allowed_rows]`, a shared table's rows: `sample_draws` then masks the rows of every
+    job with the same table in one op instead of one per job."""
 
     logits: Tensor
     temperature: float
@@ -395,21 +408,29 @@ class Draw:
     top_p: float
     generator: torch.Generator | None
     score: str = "probability"
+    allowed: Tensor | None = None  # bool [R, V] (ConstraintTables.allowed)
+    allowed_rows: Tensor | None = None  # long [N]: each row's row of `allowed`
 
 
 def sample_draws(draws: Sequence[Draw]) -> list[tuple[Tensor, Tensor]]:
     """(tokens [N_i], confidence [N_i]) per draw; the same as `sample_tokens` and
     `score_positions` draw by draw. Draws with the same knobs are filtered and scored as one
     tensor (the per-call cost of a dozen small ops, paid once per step, not once per job);
-    each draw's Gumbel noise still comes from its own generator, in its own shape."""
+    each draw's noise still comes from its own generator."""
     out: list[tuple[Tensor, Tensor] | None] = [None] * len(draws)
     groups: dict[tuple, list[int]] = {}
     for i, d in enumerate(draws):
-        groups.setdefault((d.temperature, d.top_k, d.top_p), []).append(i)
-    for (temperature, top_k, top_p), idx in groups.items():
+        table = None if d.allowed is None else id(d.allowed)
+        groups.setdefault((d.temperature, d.top_k, d.top_p, table), []).append(i)
+    for (temperature, top_k, top_p, _), idx in groups.items():
         rows = [draws[i].logits for i in idx]
         sizes = [int(r.shape[0]) for r in rows]
         logits = torch.cat(rows) if len(rows) > 1 else rows[0]
+        allowed = draws[idx[0]].allowed
+        if allowed is not None:  # raw rows: the constraints of every job at once
+            at = [draws[i].allowed_rows for i in idx]
+            banned = allowed[torch.cat(at) if len(at) > 1 else at[0]].logical_not_()
+            logits = logits.float().masked_fill_(banned, float("-inf"))
         if temperature == 0 or logits.shape[0] == 0:
             tokens = sample_tokens(logits, 0.0) if temperature == 0 else logits.new_zeros(
                 0, dtype=torch.long)  # fmt: skip
@@ -418,23 +439,22 @@ def sample_draws(draws: Sequence[Draw]) -> list[tuple[Tensor, Tensor]]:
                 if draws[i].generator is None:
                     raise InvalidArgument("sampling at temperature > 0 needs a generator",
                                           field="seed")  # fmt: skip
-            z = logits.double() / temperature
-            z = filter_top_p(filter_top_k(z, top_k), top_p)
-            # each draw's uniforms from its own generator; the Gumbel transform once for all
-            u = [torch.rand(tuple(draws[i].logits.shape), generator=draws[i].generator,
-                            dtype=torch.float64) for i in idx]  # fmt: skip
-            noise = gumbel_from_uniform(torch.cat(u) if len(u) > 1 else u[0])
-            tokens = (z + noise.to(z.device)).argmax(dim=-1)
+            # each draw's noise from its own generator; the rest once for all
+            V = logits.shape[1]
+            u = [noise_for(n, V, draws[i].generator) for i, n in zip(idx, sizes, strict=True)]
+            tokens = sample_with_noise(logits, temperature, top_k, top_p,
+                                       torch.cat(u) if len(u) > 1 else u[0])  # fmt: skip
         probs = None
         start = 0
         for i, n in zip(idx, sizes, strict=True):
             tok = tokens[start : start + n]
             if draws[i].score == "probability":
-                if probs is None:
-                    probs = logits.float().softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
+                if probs is None:  # each chosen id's probability, without a softmax's [N, V]
+                    lf = logits.float()
+                    probs = (lf.gather(-1, tokens[:, None])[:, 0] - lf.logsumexp(dim=-1)).exp()
                 conf = probs[start : start + n]
             else:
-                conf = score_positions(draws[i].logits, tok, draws[i].score)
+                conf = score_positions(logits[start : start + n], tok, draws[i].score)
             out[i] = (tok, conf)
             start += n
     return out  # type: ignore[return-value]
@@ -569,6 +589,9 @@ class SampleResult:
 
 
 StepHook = Callable[[StepEvent], None]
+# a step event's empty fields (never written to)
+_NO_POSITIONS = torch.zeros(0, dtype=torch.long)
+_NO_SCORES = torch.zeros(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,6 +656,7 @@ class SamplerState:
         self.cache: KVCache | None = None  # K/V reused by the steps of the current block
         self._tables: ConstraintTables | None = None
         self._pinned: dict[int, Tensor] = {}  # position -> its only ids (`Masked.first`)
+        self._grammar_spans = True  # some position gets the MIDI grammar (set with the tables)
         self._pending: StepInputs | None = None
         self._step_state: tuple | None = None  # between propose() and finish_step()
 
@@ -721,10 +745,25 @@ class SamplerState:
             n_draw = self._fixed_draws(n_open)
             if not self.tentative:
                 open_pos = open_pos[:n_draw]
-        open_logits = self._constrained(logits, open_pos, first, tables)
+        drawn = open_pos[:n_draw]
+        open_logits: Tensor | None = None  # constrained rows of open_pos, when built here
+        if score == "probability" and self._shared_constraints(drawn):
+            draw = Draw(logits[drawn - first], p.temperature, p.top_k, p.top_p, self.generator,
+                        score, tables.allowed, self.modality_rows[drawn])  # fmt: skip
+        else:
+            open_logits = self._constrained(logits, open_pos, first, tables)
+            draw = Draw(open_logits[:n_draw], p.temperature, p.top_k, p.top_p, self.generator,
+                        score)  # fmt: skip
         self._step_state = (logits, first, tables, block_pos, is_open, open_pos, open_logits,
                             n_draw, n_open)  # fmt: skip
-        return Draw(open_logits[:n_draw], p.temperature, p.top_k, p.top_p, self.generator, score)
+        return draw
+
+    def _shared_constraints(self, positions: Tensor) -> bool:
+        """True when the positions' constraints are their modality's row of the shared table
+        alone: no grammar span in this job, no pinned ids among them."""
+        if self._grammar_spans:
+            return False
+        return not self._pinned or not any(q in self._pinned for q in positions.tolist())
 
     def _fixed_draws(self, n_open: int) -> int:
         """Left to right at a fixed count: how many of the leftmost open positions are sampled."""
@@ -758,7 +797,11 @@ class SamplerState:
         p = self.params
         in_order = p.position_score == "left_to_right"
         if n_draw < open_pos.numel():  # the tentative rest: argmax and its probability
-            rest = open_logits[n_draw:]
+            rest = (
+                open_logits[n_draw:]
+                if open_logits is not None
+                else self._constrained(logits, open_pos[n_draw:], first, tables)
+            )
             best = rest.argmax(dim=-1)
             tokens = torch.cat([tokens, best])
             conf = torch.cat([conf, score_positions(rest, best, "probability")])
@@ -783,20 +826,19 @@ class SamplerState:
         self.ids[commit_pos] = tokens[chosen]
         self.masked[commit_pos] = False
 
-        remasked = self._remask(logits, first, tables, block_pos[~is_open], steps_left, last_step)
-        keep = torch.ones(open_pos.numel(), dtype=torch.bool, device=open_pos.device)
-        keep[chosen] = False
-        event = StepEvent(
-            step=self.step,
-            block=self.block,
-            committed_positions=commit_pos,
-            committed_ids=tokens[chosen],
-            committed_confidence=conf[chosen],
-            tentative_positions=open_pos[keep],
-            tentative_ids=tokens[keep],
-            tentative_confidence=conf[keep],
-            remasked_positions=remasked,
-        )
+        if self.remask_left > 0:
+            remasked = self._remask(logits, first, tables, block_pos[~is_open], steps_left,
+                                    last_step)  # fmt: skip
+        else:
+            remasked = _NO_POSITIONS
+        if chosen.numel() == open_pos.numel():  # all of them (every step of a unary job)
+            committed, tentative = (tokens, conf), (_NO_POSITIONS, _NO_POSITIONS, _NO_SCORES)
+        else:
+            keep = torch.ones(open_pos.numel(), dtype=torch.bool, device=open_pos.device)
+            keep[chosen] = False
+            committed = (tokens[chosen], conf[chosen])
+            tentative = (open_pos[keep], tokens[keep], conf[keep])
+        event = StepEvent(self.step, self.block, commit_pos, *committed, *tentative, remasked)
         self.step += 1
         self.block_step += 1
         if not bool(self.masked[block_pos].any()):
@@ -820,8 +862,12 @@ class SamplerState:
     # ---- internals --------------------------------------------------------------------------
     def _constraint_tables(self, vocab_size: int) -> ConstraintTables:
         if self._tables is None or self._tables.allowed.shape[1] != vocab_size:
-            self._tables = self.vocab.tables(vocab_size, self.device)
+            t = self._tables = self.vocab.tables(vocab_size, self.device)
             self._pinned = pin_masks(self.layout.pinned, vocab_size, self.device)
+            self._grammar_spans = bool(
+                self.params.grammar and t.type_of_id is not None and t.grammar_row is not None
+                and torch.isin(self.modality_rows, t.grammar_row).any()
+            )  # fmt: skip
         return self._tables
 
     def _constrained(

@@ -110,14 +110,14 @@ class SamplerParams(_DictMixin):
                       "left_to_right": commit the leftmost open positions of the block (with a
                       threshold: also each next one whose probability reaches it), which avoids
                       the trivial-token bias of confidence-first order in a weak model.
-    temperature:      0 = greedy (argmax); > 0 = Gumbel-max sampling at that temperature.
+    temperature:      0 = greedy (argmax); > 0 = sampling at that temperature.
     top_k, top_p:     nucleus/top-k filtering before sampling; 0 / 1.0 = off.
     remask_budget:    how many committed tokens may be re-opened over the whole run.
     remask_threshold: a committed token is re-opened when its current probability drops below.
     use_cache:        "none" (full forward each step), "prefix" (reuse K/V left of the block),
                       "dual" (also reuse K/V right of the block; Fast-dLLM DualCache).
     max_steps:        hard cap on denoising steps; None = no cap beyond `steps`.
-    seed:             seeds the torch.Generator for the Gumbel noise.
+    seed:             seeds the torch.Generator of the sampling noise.
     stop_at_eos:      a finished block holding EOS ends generation; what follows becomes PAD.
     grammar:          apply the MIDI grammar mask in MIDI spans.
     unset:            the fields the caller did not set (names from MODEL_DEFAULTABLE): the

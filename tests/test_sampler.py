@@ -395,6 +395,31 @@ def test_sample_tokens_never_picks_a_filtered_id():
     assert set(out.tolist()) <= {10, 11, 12} and len(set(out.tolist())) == 3
 
 
+def test_sampled_frequencies_follow_the_tempered_nucleus():
+    # 5 ids with probabilities .4 .3 .15 .1 .05 at temperature 1; top_p 0.8 keeps the first
+    # three (.4 + .3 < .8), renormalised to .47 .35 .18; at temperature 2 the weights flatten
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    logits = probs.log().repeat(40_000, 1)
+    g = torch.Generator().manual_seed(0)
+    for temperature, top_p in ((1.0, 1.0), (1.0, 0.8), (2.0, 1.0)):
+        want = (probs.log() / temperature).softmax(-1)
+        if top_p < 1.0:
+            want = torch.where(torch.arange(5) < 3, want, 0.0)
+            want = want / want.sum()
+        out = sample_tokens(logits, temperature, top_p=top_p, generator=g)
+        freq = torch.bincount(out, minlength=5).double() / out.numel()
+        assert (freq - want.double()).abs().max() < 0.01, (temperature, top_p, freq, want)
+
+
+def test_a_seed_gives_the_same_ids_one_row_at_a_time_or_all_at_once():
+    torch.manual_seed(1)
+    logits = torch.randn(6, V)
+    together = sample_tokens(logits, 0.9, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    alone = torch.cat([sample_tokens(r[None], 0.9, top_p=0.9, generator=g) for r in logits])
+    assert torch.equal(together, alone)
+
+
 @pytest.mark.parametrize("method", ["probability", "margin", "entropy"])
 def test_scores_lie_in_unit_interval_and_rank_peaked_rows_first(method):
     logits = torch.zeros(2, V)
