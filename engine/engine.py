@@ -79,12 +79,17 @@ class EngineObserver(Protocol):
 
 
 class JobHandle:
-    """The caller's side of a job: events as they happen, the result, cancellation."""
+    """The caller's side of a job: events as they happen, the result, cancellation. With a
+    `sink`, every event goes to it (on the Engine's thread: it must neither block nor raise)
+    instead of to `events()`."""
 
-    def __init__(self, request: GenerationRequest) -> None:
+    def __init__(
+        self, request: GenerationRequest, sink: Callable[[dict], None] | None = None
+    ) -> None:
         self.request = request
         self.job_id = request.job_id
         self.submitted = time.perf_counter()
+        self._sink = sink
         self._events: queue.Queue[dict | None] = queue.Queue()
         self._done = threading.Event()
         self._result: GenerationResult | None = None
@@ -112,7 +117,10 @@ class JobHandle:
 
     # engine side
     def _emit(self, event: dict) -> None:
-        self._events.put(event)
+        if self._sink is not None:
+            self._sink(event)
+        else:
+            self._events.put(event)
 
     def _resolve(self, result: GenerationResult) -> None:
         if self._done.is_set():  # the first outcome stands (a retirement that raised half-way)
@@ -206,10 +214,14 @@ class Engine:
 
     # ---- API -------------------------------------------------------------------------------
     def submit(
-        self, request: GenerationRequest, should_cancel: Callable[[], bool] | None = None
+        self,
+        request: GenerationRequest,
+        should_cancel: Callable[[], bool] | None = None,
+        on_event: Callable[[dict], None] | None = None,
     ) -> JobHandle:
-        """Queue a job. `should_cancel` is polled between steps (e.g. a flag in Redis)."""
-        handle = JobHandle(request)
+        """Queue a job. `should_cancel` is polled between steps (e.g. a flag in Redis);
+        `on_event` (optional) receives the job's events instead of `JobHandle.events()`."""
+        handle = JobHandle(request, on_event)
         # before queueing: a job the loop fails at once must still see `accepted` first
         handle._emit({"type": "accepted", "job_id": handle.job_id})
         with self._lock:

@@ -214,6 +214,22 @@ def test_events_hold_accepted_steps_final_and_resume_by_id(fleet, jobs):
     assert jobs.status(job_id)["status"] == protocol.SUCCEEDED
 
 
+def test_concurrent_jobs_each_get_their_own_events_in_order(fleet, jobs):
+    # one relay thread sends every job's events, many jobs' in one pipeline: each stream must
+    # still hold its own job's events only, in step order, with the final one last
+    lengths = [8, 12, 16, 8, 12, 16]
+    ids = [jobs.submit(_req(prompt=f"Hi {i}", params=P(gen_length=n, steps=n, block_length=4,
+                                                         stop_at_eos=False, seed=i)))
+           for i, n in enumerate(lengths)]  # fmt: skip
+    for job_id, n in zip(ids, lengths, strict=True):
+        events = [e for _, e in jobs.events(job_id, block_ms=500, timeout=60)]
+        assert events[0] == {"type": "accepted", "job_id": job_id}
+        assert events[-1]["type"] == "final" and events[-1]["job_id"] == job_id
+        steps = [e["step"] for e in events if e["type"] == "step"]
+        assert steps == list(range(n))
+        assert [e["index"] for e in events if e["type"] == "block"] == list(range(n // 4))
+
+
 def test_a_finished_job_delivered_again_does_not_run_again(fleet, jobs):
     req = _req(prompt="Again", params=P(gen_length=8, steps=4))
     job_id = jobs.submit(req)
