@@ -348,7 +348,7 @@ def sample_with_noise(
     else:
         probs = z.softmax(dim=-1)
     tiny = torch.finfo(torch.float32).tiny  # u = 0 would make E infinite
-    exp = uniforms.to(probs.device).clamp_(min=tiny).log_().neg_()
+    exp = uniforms.to(probs.device).clamp(min=tiny).log_().neg_()  # the caller's stay as given
     return (probs / exp).argmax(dim=-1)
 
 

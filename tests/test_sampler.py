@@ -22,6 +22,7 @@ from unmask.models.sampler import (
     planned_commits,
     run_batch,
     sample_tokens,
+    sample_with_noise,
     score_positions,
     select_commits,
     select_remask,
@@ -409,6 +410,15 @@ def test_sampled_frequencies_follow_the_tempered_nucleus():
         out = sample_tokens(logits, temperature, top_p=top_p, generator=g)
         freq = torch.bincount(out, minlength=5).double() / out.numel()
         assert (freq - want.double()).abs().max() < 0.01, (temperature, top_p, freq, want)
+
+
+def test_sampling_leaves_the_callers_noise_as_it_was():
+    torch.manual_seed(2)
+    logits, u = torch.randn(3, V), torch.rand(3, V)
+    before = u.clone()
+    first = sample_with_noise(logits, 0.8, 0, 0.9, u)
+    assert torch.equal(u, before)
+    assert torch.equal(sample_with_noise(logits, 0.8, 0, 0.9, u), first)
 
 
 def test_a_seed_gives_the_same_ids_one_row_at_a_time_or_all_at_once():
