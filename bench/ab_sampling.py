@@ -15,7 +15,6 @@ aside), so the waves do the same work.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_waves import wave
+from engine_waves import ab_args, ab_waves
 from machine import machine_info
 
 from unmask.models import sampler
@@ -75,48 +74,25 @@ def step_sampling_ms(vocab_size: int, rows: int = 32, reps: int = 50) -> dict[st
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--length", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench/results")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = ab_args(__doc__)
     from unmask.engine.engine import Engine
 
-    rounds: dict[str, list[dict[int, float]]] = {arm: [] for arm in ARMS}
-    cpu_rounds: dict[str, list[dict[int, float]]] = {arm: [] for arm in ARMS}
     generator = Generator.load(None)
     micro = step_sampling_ms(generator.model.config.vocab_size)
     print("one step's sampling, 32 rows (ms):", {k: round(v, 2) for k, v in micro.items()})
+    arms = {arm: (lambda a=arm: use(a)) for arm in ARMS}
     with Engine(generator, max_batch=max(LEVELS)) as engine:
-        wave(engine, 2, args.length, False)  # warm-up
         try:
-            for _ in range(args.rounds):
-                for arm in ARMS:
-                    use(arm)
-                    row, cpu = {}, {}
-                    for n in LEVELS:
-                        c0 = time.process_time()  # the Engine's thread: this one only waits
-                        row[n] = wave(engine, n, args.length, False)["wall_s"]
-                        cpu[n] = time.process_time() - c0
-                    rounds[arm].append(row)
-                    cpu_rounds[arm].append(cpu)
-                    print(arm, {n: f"{s:.3f} s" for n, s in row.items()},
-                          "cpu", {n: f"{s:.3f} s" for n, s in cpu.items()}, flush=True)  # fmt: skip
+            ab = ab_waves(engine, arms, args.rounds, args.length, LEVELS)
         finally:
             use("exponential_race_f32")
-    mean = {arm: {n: sum(r[n] for r in rs) / len(rs) for n in LEVELS} for arm, rs in rounds.items()}
-    cpu_mean = {arm: {n: sum(r[n] for r in rs) / len(rs) for n in LEVELS}
-                for arm, rs in cpu_rounds.items()}  # fmt: skip
     ratio = {arm: {"wall_c8_over_c1": m[8] / m[1], "tokens_per_s_c32_over_c1": 32 * m[1] / m[32]}
-             for arm, m in mean.items()}  # fmt: skip
+             for arm, m in ab["mean_wall_s"].items()}  # fmt: skip
     result = {"machine": machine_info(args.threads), "length": args.length,
-              "step_sampling_ms_32_rows": micro, "rounds": rounds, "mean_wall_s": mean,
-              "cpu_rounds": cpu_rounds, "mean_cpu_s": cpu_mean, "ratios": ratio}  # fmt: skip
+              "step_sampling_ms_32_rows": micro, **ab, "ratios": ratio}  # fmt: skip
     out = Path(args.out) / "engine_sampling_ab.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(mean), json.dumps(cpu_mean), json.dumps(ratio), "->", out)
+    print(json.dumps(ab["mean_wall_s"]), json.dumps(ratio), "->", out)
 
 
 if __name__ == "__main__":

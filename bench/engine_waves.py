@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,35 @@ def wave(engine: Engine, n: int, length: int, progress: bool = True) -> dict[str
                for r in ok)  # fmt: skip
     return {"jobs": n, "ok": len(ok), "wall_s": wall, "tokens": toks, "tokens_per_s": toks / wall,
             "forwards": engine.forward_passes - f0}  # fmt: skip
+
+
+def ab_args(doc: str | None) -> argparse.Namespace:
+    """The options of an in-process A/B (bench/ab_*.py)."""
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--length", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def ab_waves(engine: Engine, arms: dict[str, Callable[[], None]], rounds: int, length: int,
+             levels: tuple[int, ...] = (1, 8, 32)) -> dict[str, Any]:  # fmt: skip
+    """In-process A/B: waves of `levels` unary-style jobs (progress=false) under each arm in
+    turn, `rounds` times, interleaved so both arms see the same machine load. An arm is a
+    function that switches the code to it. Each arm's wall seconds per round and their means."""
+    walls: dict[str, list[dict[int, float]]] = {arm: [] for arm in arms}
+    wave(engine, 2, length, False)  # warm-up
+    for _ in range(rounds):
+        for arm, switch in arms.items():
+            switch()
+            row = {n: wave(engine, n, length, False)["wall_s"] for n in levels}
+            walls[arm].append(row)
+            print(arm, {n: f"{s:.3f} s" for n, s in row.items()}, flush=True)
+    mean = {arm: {n: sum(r[n] for r in rs) / len(rs) for n in levels} for arm, rs in walls.items()}
+    return {"rounds": walls, "mean_wall_s": mean}
 
 
 def main(argv: list[str] | None = None, log=print) -> dict[str, Any]:
