@@ -16,6 +16,7 @@ working tree runs from the installed (editable) package.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import statistics
@@ -37,7 +38,7 @@ def package_root(rev: str, into: Path) -> Path:
     src.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
                              capture_output=True).stdout  # fmt: skip
-    with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(src, filter="data")
     mapping = tomllib.loads((src / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-dir"

@@ -4,8 +4,8 @@ Pool choice: the worker runs Celery's **threads** pool. Every task thread submit
 same process-wide Engine, whose loop batches the denoising steps of all active jobs into one
 forward pass, so `--concurrency N` means "up to N jobs batched together on one model copy".
 The prefork pool would give each child process its own copy of the model and its own Engine:
-N times the memory, and no batching across jobs. A task thread only waits (on the Engine's
-events and on Redis), so the GIL is not a bottleneck; the model runs on the Engine's thread.
+N times the memory, and no batching across jobs. A task thread only waits (on its job's
+result and on Redis), so the GIL is not a bottleneck; the model runs on the Engine's thread.
 
 The model is loaded once per worker process, after any fork, never in a parent: lazily under a
 lock by the first task, and eagerly when the worker is ready (non-prefork pools) or in each
@@ -14,16 +14,16 @@ With `metrics_port` set, the process then serves /metrics (workers/metrics.py).
 
 A task is thin: unpack the request → (finished already? cancelled or expired while queued? then
 store without running) → submit to the Engine, whose events one relay thread per process sends to
-the jobs' Redis Streams (`_EventRelay`) → store the result. Exactly once: the result is written with SET NX inside one Lua script that
-also appends the final event, so a redelivered job that already finished neither runs again nor
-stores a second result; `completions` counts the runs that reached the end. Newest delivery
-wins: a run's number in the `deliveries` counter is its fencing token, and a run overtaken by a
-newer delivery of its job (Celery hands a job out again when the worker's broker connection
-drops mid-run) stops, appends no more events and stores nothing (see _STORE_LUA). A run that loses
-Redis (connection refused, reset, timed out) stores nothing and goes back to the queue (Celery
-`Reject(requeue=True)`; when kombu cannot reach Redis for that either, the worker requeues it
-itself once Redis is back, see recovery.settle): a network blip must not become a permanent
-"failed" result. The rerun appends to the same event stream.
+the jobs' Redis Streams (`_EventRelay`) → store the result. Exactly once: the result is written
+with SET NX inside one Lua script that also appends the final event, so a redelivered job that
+already finished neither runs again nor stores a second result; `completions` counts the runs that
+reached the end. Newest delivery wins: a run's number in the `deliveries` counter is its fencing
+token, and a run overtaken by a newer delivery of its job (Celery hands a job out again when the
+worker's broker connection drops mid-run) stops, appends no more events and stores nothing (see
+_STORE_LUA). A run that loses Redis (connection refused, reset, timed out) stores nothing and goes
+back to the queue (Celery `Reject(requeue=True)`; when kombu cannot reach Redis for that either,
+the worker requeues it itself once Redis is back, see recovery.settle): a network blip must not
+become a permanent "failed" result. The rerun appends to the same event stream.
 
 Celery does not enforce time limits in the threads pool, so the task does: past the soft limit
 the Engine ends the job between steps (failed, TimeLimitExceeded); a hard limit covers an Engine
@@ -46,6 +46,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -551,8 +552,16 @@ class _Relayed:
         self.flushed = threading.Event()  # every event before the final one was relayed
         self.stopped = False
 
-    def stop(self) -> None:
-        """No more events for this run: end its job in the Engine too."""
+    def attach(self, handle: Any) -> None:
+        """The run's job, once submitted (a run stopped before that is cancelled now)."""
+        self.handle = handle
+        if self.stopped:
+            handle.cancel()
+
+    def stop(self, error: Exception | None = None) -> None:
+        """No more events for this run (`error`: why, the first one stands): end its job in the
+        Engine too."""
+        self.error = self.error or error
         self.stopped = True
         if self.handle is not None:
             self.handle.cancel()
@@ -570,7 +579,7 @@ class _EventRelay:
         self._lock = threading.Lock()
         self._pid = 0
 
-    def sink(self, relayed: _Relayed) -> Any:
+    def sink(self, relayed: _Relayed) -> Callable[[dict], None]:
         """`Engine.submit(on_event=...)` for one run."""
         with self._lock:
             if self._pid != os.getpid():  # first use in this process (after any fork)
@@ -591,7 +600,7 @@ class _EventRelay:
             except Exception:  # a bug here must not end the relaying of every later job
                 log.exception("relaying events failed")
                 for relayed, _ in batch:
-                    relayed.error = relayed.error or RuntimeError("relaying events failed")
+                    relayed.stop(RuntimeError("relaying events failed"))
             for relayed, event in batch:
                 if event.get("type") == "final":
                     relayed.flushed.set()
@@ -612,8 +621,7 @@ class _EventRelay:
             replies = pipe.execute()
         except redis.RedisError as exc:  # Redis lost: those runs stop and go back to the queue
             for relayed, _ in sends:
-                relayed.error = relayed.error or exc
-                relayed.stop()
+                relayed.stop(exc)
             return
         for (relayed, _), added in zip(sends, replies, strict=True):
             if not added and not relayed.superseded:
@@ -725,9 +733,7 @@ def _follow(
     s = _settings()
     relayed = _Relayed(job_id, delivery)
     handle = get_engine().submit(req, should_cancel=check, on_event=_event_relay.sink(relayed))
-    relayed.handle = handle
-    if relayed.stopped:  # superseded (or Redis lost) before the handle was known
-        handle.cancel()
+    relayed.attach(handle)
     try:
         result = handle.result(timeout=s.task_time_limit_s)
     except TimeoutError:  # no result within the hard limit: the Engine is stuck, give up
@@ -737,9 +743,7 @@ def _follow(
         log.error("job %s: its events were not all relayed in %ss", job_id, RELAY_FLUSH_S)
     if relayed.error is not None:
         raise relayed.error
-    if relayed.superseded:
-        return _superseded(job_id)
-    if check.superseded:
+    if relayed.superseded or check.superseded:
         return _superseded(job_id)
     if result.status == CANCELLED and check.timed_out and not check.cancelled:
         timed_out = _failed(job_id, _time_limit_error())
