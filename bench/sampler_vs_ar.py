@@ -3,7 +3,9 @@
 Both models run at their own defaults (config.json `sampler_defaults`: the same temperature and
 top_p per modality); the diffusion variants change only how many tokens a forward may commit:
 the model's default (1 token per step, left to right), a fixed 2 or 4 per step (block 4 is the
-physical limit), Fast-dLLM's factor rule at several factors, and a probability threshold.
+physical limit), Fast-dLLM's factor rule at several factors, a probability threshold, and
+self-speculative decoding (models/speculative.py: the defaults' distribution exactly, drafts
+verified in batched rows; at batch B each such job runs its own forwards).
 
 Speed (batch 1): one job at a time, in process, after one warm-up run per (variant, modality)
 that is not timed; generated tokens are counted after EOS removal (content tokens only);
@@ -52,6 +54,7 @@ from unmask.models.sampler_params import MODEL_DEFAULTABLE, SamplerParams
 MODALITIES = ("text", "code", "midi")
 AR = "AR (KV cache), defaults"
 DEFAULTS = "diffusion, defaults"
+SPECULATIVE = "self-speculative (defaults' distribution)"
 BATCH_MODALITIES = ("text", "code")
 
 
@@ -67,6 +70,7 @@ def variants(n: int) -> dict[str, dict[str, Any] | None]:
         "factor 2": {"threshold_factor": 2.0},
         "factor 4": {"threshold_factor": 4.0},
         "threshold 0.7": {"threshold": 0.7},
+        SPECULATIVE: {"speculative": True},
     }
 
 

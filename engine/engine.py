@@ -52,6 +52,7 @@ from unmask.models.sampler import (
     sample_draws,
     split_outputs,
 )
+from unmask.models.speculative import SpeculativeDecoder
 from unmask.tokenizers.specials import NUM_SPECIAL
 
 log = logging.getLogger("unmask.engine")
@@ -135,7 +136,7 @@ class JobHandle:
 class _Active:
     handle: JobHandle
     job: Prepared
-    state: SamplerState | ARState
+    state: SamplerState | ARState | SpeculativeDecoder
     started: float
     should_cancel: Callable[[], bool] | None = None
     # position -> [position, id, confidence] of its committed token (return_tokens only)
@@ -315,8 +316,10 @@ class Engine:
 
     def _prepare(self, handle: JobHandle, should_cancel: Callable[[], bool] | None) -> _Active:
         job = self.generator.prepare(handle.request)
-        state: SamplerState | ARState
-        if job.canvas is None:
+        state: SamplerState | ARState | SpeculativeDecoder
+        if job.params.speculative:  # its own forward passes, not batched (models/speculative.py)
+            state = self.generator.decoder(job)
+        elif job.canvas is None:
             assert job.ar_prompt is not None
             state = ARState(job.ar_prompt, ar_params(job.params), self.generator.sampler_vocab,
                             modality=job.modality, device=self._device,
@@ -356,18 +359,51 @@ class Engine:
         ready: list[tuple[_Active, StepInputs]] = []
         for a in list(self._active):
             try:
-                ready.append((a, a.state.prepare_inputs()))
+                state = a.state
+                if isinstance(state, SpeculativeDecoder):  # one row per draft, plus one
+                    ready.extend((a, row) for row in state.step_inputs(state.prepare_rows()))
+                else:
+                    ready.append((a, state.prepare_inputs()))
             except Exception as exc:
                 self._fail(a, exc, "step")
         proposed: list[tuple[_Active, Draw]] = []
+        speculative: dict[_Active, list[tuple[torch.Tensor, KVCache | None]]] = {}
         for a, (logits, cache) in self._forward_isolated(ready):
+            if isinstance(a.state, SpeculativeDecoder):
+                speculative.setdefault(a, []).append((logits, cache))
+                continue
             try:
                 proposed.append((a, a.state.propose(logits, cache)))
             except Exception as exc:
                 self._fail(a, exc, "step")
+        for a, rows in speculative.items():
+            if a in self._active and self._advance_speculative(a, rows):
+                self._retire_finished(a)
         for a, draw, sampled in self._sample_isolated(proposed):
             if self._advance(a, draw, sampled):
                 self._retire_finished(a)
+
+    def _advance_speculative(
+        self, a: _Active, rows: list[tuple[torch.Tensor, KVCache | None]]
+    ) -> bool:
+        """Finish a speculative job's step from its rows (verify, commit, draft) and publish
+        it, as `_advance` does; a step may finish more than one block. True when it is done."""
+        state = a.state
+        assert isinstance(state, SpeculativeDecoder)
+        try:
+            block_before = state.block
+            event = state.advance_rows(torch.stack([logits for logits, _ in rows]), rows[0][1])
+            self._observe("job_step", int(event.committed_positions.numel()))
+            if a.handle.request.return_tokens:
+                _record_tokens(a, event)
+            if a.handle.request.progress:
+                _emit_step(a, event)
+                for index in range(block_before, state.block):
+                    self._emit_block(a, index, state.blocks[index])
+        except Exception as exc:
+            self._fail(a, exc, "step")
+            return False
+        return state.done
 
     def _sample_isolated(
         self, proposed: list[tuple[_Active, Draw]]

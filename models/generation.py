@@ -27,6 +27,7 @@ from unmask.models.sampler import (
     generate,
 )
 from unmask.models.sampler_params import ARParams, SamplerParams
+from unmask.models.speculative import SpeculativeDecoder
 from unmask.models.template import parse_template
 from unmask.tokenizers.healing import healing_table
 from unmask.tokenizers.specials import BOS_ID, NUM_SPECIAL
@@ -491,7 +492,14 @@ class Generator:
     # ---- run -------------------------------------------------------------------------------
     def run(self, job: Prepared, on_step: Callable[[StepEvent], None] | None = None) -> Generation:
         start = time.perf_counter()
-        if job.canvas is None:
+        if job.params.speculative:
+            decoder = self.decoder(job)
+            while not decoder.done:
+                event = decoder.decode_step()
+                if on_step is not None:
+                    on_step(event)
+            result = decoder.result()
+        elif job.canvas is None:
             assert job.ar_prompt is not None
             result = generate_ar(
                 self.model, job.ar_prompt, ar_params(job.params), self.sampler_vocab,
@@ -500,6 +508,15 @@ class Generator:
         else:
             result = generate(self.model, job.canvas, job.params, self.sampler_vocab, on_step)
         return self.finish(job, result, time.perf_counter() - start)
+
+    def decoder(self, job: Prepared) -> SpeculativeDecoder:
+        """The self-speculative decoder of a job that asked for one (`params.speculative`)."""
+        if job.canvas is None:
+            raise InvalidArgument(
+                "speculative decoding needs a block-causal diffusion model, not an AR one",
+                field="speculative",
+            )
+        return SpeculativeDecoder(self.model, job.canvas, job.params, self.sampler_vocab)
 
     def finish(self, job: Prepared, result: SampleResult, latency: float) -> Generation:
         return Generation(

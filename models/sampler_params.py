@@ -120,6 +120,11 @@ class SamplerParams(_DictMixin):
     seed:             seeds the torch.Generator of the sampling noise.
     stop_at_eos:      a finished block holding EOS ends generation; what follows becomes PAD.
     grammar:          apply the MIDI grammar mask in MIDI spans.
+    speculative:      self-speculative decoding (models/speculative.py): the same distribution as
+                      left to right at one token per step, in fewer forward passes (each also
+                      drafts the next positions and verifies the previous drafts). A block-causal
+                      model continuing a prompt at those defaults only; a seed gives other tokens
+                      than without it, and the Engine runs such a job in its own forward passes.
     unset:            the fields the caller did not set (names from MODEL_DEFAULTABLE): the
                       model's own defaults replace them (`with_defaults`), at the one place every
                       path goes through (models/generation.py). An unset `steps` is clipped to
@@ -142,6 +147,7 @@ class SamplerParams(_DictMixin):
     seed: int = 0
     stop_at_eos: bool = True
     grammar: bool = True
+    speculative: bool = False
     unset: tuple[str, ...] = ()
 
     POSITION_SCORES: ClassVar[tuple[str, ...]] = POSITION_SCORES
@@ -175,6 +181,7 @@ class SamplerParams(_DictMixin):
             )
         _check_choice("position_score", self.position_score, POSITION_SCORES)
         _check_sampling(self)
+        _check_bool("speculative", self.speculative)
         _check_int("remask_budget", self.remask_budget, 0, self.gen_length)
         _check_float("remask_threshold", self.remask_threshold, 0.0, 1.0)
         _check_choice("use_cache", self.use_cache, CACHE_MODES)

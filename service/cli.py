@@ -426,6 +426,8 @@ def add_sampler_args(p: argparse.ArgumentParser, gen_length: int = 128) -> None:
     g.add_argument("--cache", default=None, help="none | prefix | dual")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-grammar", action="store_true", help="no MIDI grammar mask")
+    g.add_argument("--speculative", action="store_true",
+                   help="self-speculative decoding: same distribution, fewer forward passes")  # fmt: skip
 
 
 _FLAGS = {"use_cache": "cache"}  # SamplerParams field -> argparse dest, where they differ
@@ -443,6 +445,7 @@ def params_from_args(args: argparse.Namespace) -> Any:
         gen_length=args.length,
         seed=args.seed,
         grammar=not args.no_grammar,
+        speculative=args.speculative,
         unset=tuple(k for k in MODEL_DEFAULTABLE if k not in given),
         **given,
     )

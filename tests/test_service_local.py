@@ -138,6 +138,8 @@ BAD_REQUESTS = [
     (dict(prompt="x", params=pb.SamplerParams(gen_length=4, steps=9)), "INVALID_ARGUMENT",
      "params.steps"),
     (dict(prompt="x", params=pb.SamplerParams(cache="bogus")), "INVALID_ARGUMENT", "params.cache"),
+    (dict(prompt="x", params=pb.SamplerParams(speculative=True, **SMALL)), "INVALID_ARGUMENT",
+     "params.speculative"),  # the tiny model attends both ways: found by the Engine
     (dict(prompt="x", params=pb.SamplerParams(gen_length=100_000)), "INVALID_ARGUMENT",
      "params.gen_length"),
     (dict(prompt="x", params=pb.SamplerParams(gen_length=300, steps=2)), "INVALID_ARGUMENT",

@@ -13,7 +13,8 @@
 `AsyncClient` has the same methods as coroutines (`stream` and `batch_results` are async
 iterators). Sampler parameters are keyword arguments named as in `SamplerParams`
 (gen_length, steps, block_length, threshold, position_score, temperature, top_k, top_p,
-remask_budget, remask_threshold, use_cache, max_steps, seed, stop_at_eos, grammar).
+remask_budget, remask_threshold, use_cache, max_steps, seed, stop_at_eos, grammar,
+speculative).
 
 Errors are `ServiceError` (an `UnmaskError`) with the gRPC status name in `.code`, the request
 field at fault in `.field` and the server's request id in `.request_id`. Torch-free.

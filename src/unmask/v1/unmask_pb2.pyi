@@ -45,7 +45,7 @@ BATCH_STATUS_COMPLETED: BatchStatus
 BATCH_STATUS_CANCELLED: BatchStatus
 
 class SamplerParams(_message.Message):
-    __slots__ = ("gen_length", "steps", "block_length", "threshold", "position_score", "temperature", "top_k", "top_p", "remask_budget", "remask_threshold", "cache", "max_steps", "seed", "stop_at_eos", "grammar")
+    __slots__ = ("gen_length", "steps", "block_length", "threshold", "position_score", "temperature", "top_k", "top_p", "remask_budget", "remask_threshold", "cache", "max_steps", "seed", "stop_at_eos", "grammar", "speculative")
     GEN_LENGTH_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class SamplerParams(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_AT_EOS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     gen_length: int
     steps: int
     block_length: int
@@ -76,7 +77,8 @@ class SamplerParams(_message.Message):
     seed: int
     stop_at_eos: bool
     grammar: bool
-    def __init__(self, gen_length: _Optional[int] = ..., steps: _Optional[int] = ..., block_length: _Optional[int] = ..., threshold: _Optional[float] = ..., position_score: _Optional[str] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., remask_budget: _Optional[int] = ..., remask_threshold: _Optional[float] = ..., cache: _Optional[str] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ..., stop_at_eos: _Optional[bool] = ..., grammar: _Optional[bool] = ...) -> None: ...
+    speculative: bool
+    def __init__(self, gen_length: _Optional[int] = ..., steps: _Optional[int] = ..., block_length: _Optional[int] = ..., threshold: _Optional[float] = ..., position_score: _Optional[str] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., remask_budget: _Optional[int] = ..., remask_threshold: _Optional[float] = ..., cache: _Optional[str] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ..., stop_at_eos: _Optional[bool] = ..., grammar: _Optional[bool] = ..., speculative: _Optional[bool] = ...) -> None: ...
 
 class Segment(_message.Message):
     __slots__ = ("text", "mask")
