@@ -375,7 +375,6 @@ class Denoiser(nn.Module):
         out_index: Tensor | None = None,
         positions: Tensor | None = None,
         attn_mask: Tensor | None = None,
-        hidden: bool = False,
     ) -> tuple[Tensor, KVCache | None]:
         """ids [B, T] -> logits [B, T, V] (fp32, or bf16 under autocast), and optionally a cache.
 
@@ -391,8 +390,6 @@ class Denoiser(nn.Module):
             order: with `attn_mask` (a bool mask [T, T] or [B, 1, T, T], True = may attend; no
             past) for the block-diffusion training pass over noisy + clean copies; without it for
             a reordered canvas, where `start_pos` then counts slots (blocks, cache order).
-        hidden: return the final hidden states [B, T or K, d] instead of logits, for a caller
-            that picks the rows worth the vocabulary head later (`project`).
         """
         B, T = ids.shape
         if past is not None and past.batch_size != B:
@@ -447,7 +444,9 @@ class Denoiser(nn.Module):
             x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
         if out_index is not None:
             x = x.gather(1, out_index[:, :, None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
-        logits = x if hidden else self.project(x)  # [B, T or K, V] (or d)
+        logits = self.head(self.norm(x))  # [B, T or K, V]
+        if self.config.mask_id is not None:
+            logits = logits.masked_fill(self.banned, float("-inf"))
 
         cache = None
         if use_cache:
@@ -455,13 +454,6 @@ class Denoiser(nn.Module):
             pad = torch.cat([past.pad_mask, new_pad], dim=1) if past is not None else new_pad
             cache = KVCache(new_layers, pad)
         return logits, cache
-
-    def project(self, x: Tensor) -> Tensor:
-        """Final hidden states [..., d] -> logits [..., V] (the vocabulary head)."""
-        logits = self.head(self.norm(x))
-        if self.config.mask_id is not None:
-            logits = logits.masked_fill(self.banned, float("-inf"))
-        return logits
 
     def logits(self, ids: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         """Logits of a full forward pass, without a cache."""

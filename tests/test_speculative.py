@@ -188,7 +188,9 @@ def test_the_engine_runs_a_speculative_job_beside_batched_ones(shipped):
     assert [r.status for r in results] == [SUCCEEDED, SUCCEEDED]
     # the speculative job's rows rode in the batched forwards of the other job
     assert forwards < results[0].usage["nfe"] + results[1].usage["nfe"]
-    assert results[1].output_midi == alone.output_midi  # a batched job's tokens do not depend on its neighbours
+    assert (
+        results[1].output_midi == alone.output_midi
+    )  # a batched job's tokens do not depend on its neighbours
     steps = [e for e in events if e["type"] == "step"]
     committed = [p for e in steps for p, _, _ in e["committed"]]
     assert committed == sorted(set(committed)) and len(committed) == 24  # in order, each once
