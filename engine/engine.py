@@ -357,10 +357,12 @@ class Engine:
     # ---- one step ----------------------------------------------------------------------------
     def _step(self) -> None:
         ready: list[tuple[_Active, StepInputs]] = []
+        alone = len(self._active) == 1
         for a in list(self._active):
             try:
                 state = a.state
                 if isinstance(state, SpeculativeDecoder):  # one row per draft, plus one
+                    state.drafting = alone  # beside other jobs the batch is full already
                     ready.extend((a, row) for row in state.step_inputs(state.prepare_rows()))
                 else:
                     ready.append((a, state.prepare_inputs()))

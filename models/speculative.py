@@ -206,6 +206,10 @@ class SpeculativeDecoder:
         self.cache_len = 0  # slots [0, cache_len) are cached (whole finished blocks)
         self.drafts = _NO_DRAFTS
         self.tentative = False  # no guesses for open slots are ever reported
+        # draft and verify (True), or take plain left-to-right steps: the Engine turns it off
+        # while other jobs share the forward (rows then cost more than they save, docs/speed.md).
+        # Either way each token has the default's distribution; only the seed's tokens change.
+        self.drafting = True
         self._pending: _Rows | None = None
         self.nfe = 0
         self.step = 0
@@ -264,6 +268,8 @@ class SpeculativeDecoder:
         if self.done:
             raise InvalidArgument("the job has finished", field="state")
         B, shift = self.block_size, self.shift
+        if not self.drafting:  # a plain left-to-right step: whatever was drafted goes unused
+            self.drafts = _NO_DRAFTS
         drafts = self.drafts
         R = len(drafts.ids) + 1
         # row r decides open slot r: drafts[:r] in place, the rest still masked
@@ -325,7 +331,7 @@ class SpeculativeDecoder:
         tokens, kept = verify(drafts.ids, drafts.q, targets, self.generator)
         n = self._commit(decided[: len(tokens)], tokens)
         chosen = torch.tensor(tokens[:n], device=self.device)
-        if not self.done:
+        if not self.done and self.drafting:
             self._draw_drafts(logits[kept], c)
         slots = torch.tensor(decided[:n], device=self.device)
         event = StepEvent(
