@@ -123,8 +123,9 @@ class SamplerParams(_DictMixin):
     speculative:      self-speculative decoding (models/speculative.py): the same distribution as
                       left to right at one token per step, in fewer forward passes (each also
                       drafts the next positions and verifies the previous drafts). A block-causal
-                      model continuing a prompt at those defaults only; a seed gives other tokens
-                      than without it, and the Engine runs such a job in its own forward passes.
+                      model at those defaults only. A seed gives other tokens than without it;
+                      the Engine drafts only while the job is alone (beside others: plain steps
+                      in the shared forward), so which tokens also depends on the load.
     unset:            the fields the caller did not set (names from MODEL_DEFAULTABLE): the
                       model's own defaults replace them (`with_defaults`), at the one place every
                       path goes through (models/generation.py). An unset `steps` is clipped to
