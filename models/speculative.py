@@ -20,8 +20,9 @@ default's quality by construction; a seed gives other tokens than the default sa
 Block-causal attention makes the rows cheap to build: a row may carry the next block too (the
 current block never attends to it), and the finished blocks in the window are the same in every
 row, so their keys/values (the exact cache) come from row 0. One forward commits between 1 token
-and the drafts + 1; on a CPU at batch 1 a few more rows cost little, since a forward of this
-size is bound by streaming the weights, not by arithmetic (docs/speed.md).
+and the drafts + 1. Rows are not free on a CPU (5 rows of 12 slots cost ~1.6x one row of 4 on
+2 cores), so only drafts the model is fairly sure of are proposed (`MIN_DRAFT_PROB`), and the
+Engine turns drafting off while other jobs share the forward (docs/speed.md §2b).
 
 Infill and MIDI bars run as the default sampler runs them (models/block_sampler.py): on the
 canvas in infill order (slots), left to right over the slots still open, fixed slots in between
