@@ -37,22 +37,26 @@ from unmask.models.sampler_params import MODEL_DEFAULTABLE, SamplerParams
 PROMPTS = ["Once upon a time", "def main():\n", "The river", "import os\n", "She said", "class A:"]
 
 
-def requests(n: int, length: int, progress: bool = True) -> list[GenerationRequest]:
+def requests(n: int, length: int, progress: bool = True,
+             speculative: bool = False) -> list[GenerationRequest]:  # fmt: skip
     return [
         GenerationRequest(
             "code" if "\n" in PROMPTS[i % len(PROMPTS)] else "text",
             prompt=PROMPTS[i % len(PROMPTS)],
-            params=SamplerParams(gen_length=length, seed=i, unset=MODEL_DEFAULTABLE),
+            params=SamplerParams(
+                gen_length=length, seed=i, unset=MODEL_DEFAULTABLE, speculative=speculative
+            ),  # fmt: skip
             progress=progress,
         )
         for i in range(n)
     ]
 
 
-def wave(engine: Engine, n: int, length: int, progress: bool = True) -> dict[str, Any]:
+def wave(engine: Engine, n: int, length: int, progress: bool = True,
+         speculative: bool = False) -> dict[str, Any]:  # fmt: skip
     f0 = engine.forward_passes
     t = time.perf_counter()
-    handles = [engine.submit(r) for r in requests(n, length, progress)]
+    handles = [engine.submit(r) for r in requests(n, length, progress, speculative)]
     results = [h.result(timeout=3600) for h in handles]
     wall = time.perf_counter() - t
     ok = [r for r in results if r.status == SUCCEEDED]
@@ -100,25 +104,29 @@ def main(argv: list[str] | None = None, log=print) -> dict[str, Any]:
     ap.add_argument("--levels", default="1,8,32,64")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--no-progress", action="store_true", help="jobs as unary calls send them")
+    ap.add_argument("--speculative", action="store_true",
+                    help="also waves of speculative jobs on the diffusion model")  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
     report: dict[str, Any] = {"machine": machine_info(args.threads), "device": args.device,
                               "arrival": "each wave: all jobs submitted at t=0 to one Engine",
                               "progress": not args.no_progress, "models": {}}  # fmt: skip
-    for which in ("model", "model-ar"):
+    arms = [("model", False), ("model-ar", False)] + [("model", True)] * args.speculative
+    for which, speculative in arms:
         gen = Generator.load(default_model_dir(which), device=args.device, dtype=args.dtype)
         rows = []
+        name = f"{which} {gen.model.inference_dtype}{' speculative' if speculative else ''}"
         with Engine(gen, max_batch=max(levels)) as engine:
-            wave(engine, 2, args.length)  # warm-up
+            wave(engine, 2, args.length, speculative=speculative)  # warm-up
             for n in levels:
-                rows.append(wave(engine, n, args.length, not args.no_progress))
-                log(f"{which} {gen.model.inference_dtype} c{n}: {rows[-1]}")
+                rows.append(wave(engine, n, args.length, not args.no_progress, speculative))
+                log(f"{name} c{n}: {rows[-1]}")
         base = rows[0]["tokens_per_s"]
         for r in rows:
             r["tokens_per_s_over_c1"] = r["tokens_per_s"] / base
             r["wall_over_c1"] = r["wall_s"] / rows[0]["wall_s"]
-        report["models"][f"{which} {gen.model.inference_dtype}"] = rows
+        report["models"][name] = rows
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"engine_waves_{args.device.split(':')[0]}{'_unary' if args.no_progress else ''}.json"

@@ -38,7 +38,8 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 }  # fmt: skip
 # unmask's own sampler knobs, allowed as extra body fields (`extra_body=` in the openai client)
 EXTENSIONS = ("modality", "steps", "block_length", "threshold", "position_score", "top_k",
-              "remask_budget", "remask_threshold", "cache", "max_steps", "stop_at_eos")  # fmt: skip
+              "remask_budget", "remask_threshold", "cache", "max_steps", "stop_at_eos",
+              "speculative")  # fmt: skip
 _ONLY = {"prompt": "completions", "echo": "completions", "suffix": "completions",
          "best_of": "completions", "messages": "chat", "max_completion_tokens": "chat",
          "top_logprobs": "chat", "tools": "chat", "tool_choice": "chat", "functions": "chat",

@@ -261,6 +261,11 @@ def test_errors_map_to_http_statuses_with_the_field_named(http, oai):
     assert "top_p" in err["message"] and err["type"] == "invalid_request_error"
     r = http.post("/v1/completions", json={"prompt": "x", "logit_bias": {"5": 1}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+    r = http.post("/v1/completions", json={"prompt": "x", "speculative": "yes"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "speculative"
+    r = http.post("/v1/completions", json={"prompt": "x", "speculative": True, "max_tokens": 8,
+                                           "steps": 8})  # the tiny model attends both ways
+    assert r.status_code == 400 and r.json()["error"]["param"] == "speculative", r.text
     r = http.post("/v1/completions", json={"prompt": "x", "frobnicate": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"
     r = http.post("/v1/generate", json={"prompt": "x", "params": {"top_p": 2}})
