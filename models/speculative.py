@@ -99,7 +99,7 @@ def draw(probs: Tensor, generator: torch.Generator) -> Tensor:
     (The Engine's samplers race exponentials instead, to keep batched jobs equal to solo ones;
     this decoder runs alone.)"""
     cdf = probs.cumsum(dim=-1)
-    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator)
+    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator).to(probs.device)
     return (cdf < u * cdf[:, -1:]).sum(dim=-1).clamp_(max=probs.shape[-1] - 1)
 
 
@@ -115,8 +115,8 @@ def verify(
     D = len(drafts)
     u = torch.rand(D, generator=generator).tolist()
     if D:
-        at = torch.arange(D)
-        ratio_ok = (torch.tensor(u) * q[at, drafts] < p[at, drafts]).tolist()  # u < p/q
+        at, d = torch.arange(D, device=p.device), torch.tensor(drafts, device=p.device)
+        ratio_ok = (torch.tensor(u, device=p.device) * q[at, d] < p[at, d]).tolist()  # u < p/q
     out: list[int] = []
     for r in range(D):
         if ratio_ok[r]:
