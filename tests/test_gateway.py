@@ -263,8 +263,9 @@ def test_errors_map_to_http_statuses_with_the_field_named(http, oai):
     assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
     r = http.post("/v1/completions", json={"prompt": "x", "speculative": "yes"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "speculative"
-    r = http.post("/v1/completions", json={"prompt": "x", "speculative": True, "max_tokens": 8,
-                                           "steps": 8})  # the tiny model attends both ways
+    r = http.post(
+        "/v1/completions", json={"prompt": "x", "speculative": True, "max_tokens": 8, "steps": 8}
+    )  # the tiny model attends both ways
     assert r.status_code == 400 and r.json()["error"]["param"] == "speculative", r.text
     r = http.post("/v1/completions", json={"prompt": "x", "frobnicate": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"
