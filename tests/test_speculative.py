@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 from test_block_diffusion import tiny
-from test_sampler import BOS, fake_vocab
+from test_sampler import BOS, EOS, fake_vocab
 
 from unmask.engine.engine import SUCCEEDED, Engine
 from unmask.engine.request import GenerationRequest
@@ -85,6 +85,34 @@ def test_greedy_speculative_writes_the_default_samplers_tokens(shipped, modality
     default, fast = shipped.run(job), shipped.run(spec)
     assert fast.ids == default.ids
     assert fast.nfe < default.nfe  # drafts were accepted: fewer forwards for the same tokens
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("after", [5, 8])
+def test_greedy_speculative_ends_spans_at_an_eos_as_the_default_does(after):
+    """A tiny model whose EOS outranks a token it likes to repeat: greedy runs hit EOS at the
+    first slot, mid-span and in the first gap of an infill (whose second gap goes on). PAD
+    after the EOS, the finish reason and every token equal the default sampler's."""
+    vocab = fake_vocab()
+    model = tiny(seed=1)
+    model.head.weight[EOS] = model.head.weight[after] * 1.02  # tied: also EOS's embedding
+    canvases = [Canvas([Fixed([BOS, 4, 5]), Masked(13, "text")]),
+                Canvas([Fixed([BOS, 4, 5]), Masked(6, "text"), Fixed([7, 8]), Masked(6, "text")])]  # fmt: skip
+    reasons = []
+    for canvas in canvases:
+        n = canvas.n_masked
+        params = SamplerParams(gen_length=n, steps=n, position_score="left_to_right",
+                               temperature=0.0)  # fmt: skip
+        default = generate(model, canvas, params, vocab)
+        dec = SpeculativeDecoder(model, canvas, params, vocab, min_draft_prob=0.0)
+        while not dec.done:
+            dec.decode_step()
+        fast = dec.result()
+        assert fast.ids.tolist() == default.ids.tolist()
+        assert fast.generated.tolist() == default.generated.tolist()
+        assert fast.finish_reason == default.finish_reason
+        reasons.append(fast.finish_reason)
+    assert "eos" in reasons
 
 
 def _exact_joint(model, canvas: Canvas, n: int, top_k: int) -> dict[tuple[int, ...], float]:
