@@ -57,9 +57,9 @@ from unmask.models.sampler import (
 from unmask.models.sampler_params import SamplerParams
 
 MAX_DRAFTS = 4  # drafts verified per forward (rows = drafts + 1); the shipped model's block size
-# drafts are proposed while the model's chance of writing all of them stays at least this: on 2
-# CPU cores the shipped model decoded text 1.06x, code 1.18x, MIDI 1.22x faster than without
-# the cut at 0.2 (0.87x, 0.90x, 1.23x with every draft), docs/speed.md
+# drafts are proposed while the model's chance of writing all of them stays at least this. In
+# one sweep on 2 CPU cores the shipped model then ran text / code / MIDI at 1.06x / 1.18x / 1.22x
+# the default sampler's speed, and at 0.87x / 0.90x / 1.23x when every draft was proposed
 MIN_DRAFT_PROB = 0.2
 _NONE = torch.zeros(0, dtype=torch.long)
 
@@ -96,8 +96,8 @@ def token_probs(logits: Tensor, temperature: float, top_k: int, top_p: float) ->
 def draw(probs: Tensor, generator: torch.Generator) -> Tensor:
     """One id per row of probs [N, V] (rows need not sum to 1), by inverse CDF: the first id
     whose cumulative mass reaches u * total, u in (0, 1], so an id of zero mass is never drawn.
-    (The Engine's samplers race exponentials instead, to keep batched jobs equal to solo ones;
-    this decoder runs alone.)"""
+    (The default samplers race exponentials so that a batched job writes what it writes alone;
+    a speculative job's tokens depend on the load anyway: it drafts only while alone.)"""
     cdf = probs.cumsum(dim=-1)
     u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator).to(probs.device)
     return (cdf < u * cdf[:, -1:]).sum(dim=-1).clamp_(max=probs.shape[-1] - 1)
@@ -441,11 +441,3 @@ class SpeculativeDecoder:
             tokens_per_forward=n / max(self.nfe, 1),
         )
 
-
-def generate_speculative(model: torch.nn.Module, canvas: Canvas, params: SamplerParams,
-                         vocab: SamplerVocab) -> SampleResult:  # fmt: skip
-    """Fill the canvas's masked run with the default sampler's distribution, speculatively."""
-    decoder = SpeculativeDecoder(model, canvas, params, vocab)
-    while not decoder.done:
-        decoder.decode_step()
-    return decoder.result()
