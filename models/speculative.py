@@ -440,4 +440,3 @@ class SpeculativeDecoder:
             finish_reason=self.finish_reason or "length",
             tokens_per_forward=n / max(self.nfe, 1),
         )
-
