@@ -317,7 +317,7 @@ class Engine:
     def _prepare(self, handle: JobHandle, should_cancel: Callable[[], bool] | None) -> _Active:
         job = self.generator.prepare(handle.request)
         state: SamplerState | ARState | SpeculativeDecoder
-        if job.params.speculative:  # its own forward passes, not batched (models/speculative.py)
+        if job.params.speculative:  # its rows join the batched forward (models/speculative.py)
             state = self.generator.decoder(job)
         elif job.canvas is None:
             assert job.ar_prompt is not None
