@@ -276,7 +276,9 @@ class SpeculativeDecoder:
         # row r decides open slot r: drafts[:r] in place, the rest still masked
         decided = self._open()[:R]
         c = decided[0]
-        hi = min(self.length, (decided[-1] // B + 1) * B)  # to the end of the last one's block
+        # to the end of the last one's block; without token shift also the next block's first
+        # slot, still masked, whose own output drafts it (with shift, the block's last output does)
+        hi = min(self.length, (decided[-1] // B + 1) * B + 1 - shift)
         start = self.cache_len
         window = self.ids[start:hi].repeat(R, 1)  # [R, W]
         if drafts.ids:

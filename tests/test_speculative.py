@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
+from public_fixtures import write_checkpoint
 from test_block_diffusion import tiny
 from test_sampler import BOS, EOS, fake_vocab
 
@@ -88,13 +89,17 @@ def test_greedy_speculative_writes_the_default_samplers_tokens(shipped, modality
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("after", [5, 8])
-def test_greedy_speculative_ends_spans_at_an_eos_as_the_default_does(after):
+@pytest.mark.parametrize(
+    ("shift", "after"), [(True, 5), (True, 8), (False, 8), (False, 19)],
+    ids=["shift-first-slot", "shift-mid-span", "no-shift-first-slot", "no-shift-mid-span"],
+)  # fmt: skip
+def test_greedy_speculative_ends_spans_at_an_eos_as_the_default_does(shift, after):
     """A tiny model whose EOS outranks a token it likes to repeat: greedy runs hit EOS at the
-    first slot, mid-span and in the first gap of an infill (whose second gap goes on). PAD
-    after the EOS, the finish reason and every token equal the default sampler's."""
+    first slot, mid-span and in the first gap of an infill (whose second gap goes on), with
+    and without token shift (SDAR's layout: each slot predicts itself). PAD after the EOS, the
+    finish reason and every token equal the default sampler's."""
     vocab = fake_vocab()
-    model = tiny(seed=1)
+    model = tiny(seed=1, shift=shift)  # no shift: SDAR's layout, each slot predicts itself
     model.head.weight[EOS] = model.head.weight[after] * 1.02  # tied: also EOS's embedding
     canvases = [Canvas([Fixed([BOS, 4, 5]), Masked(13, "text")]),
                 Canvas([Fixed([BOS, 4, 5]), Masked(6, "text"), Fixed([7, 8]), Masked(6, "text")])]  # fmt: skip
@@ -115,9 +120,23 @@ def test_greedy_speculative_ends_spans_at_an_eos_as_the_default_does(after):
     assert "eos" in reasons
 
 
+@pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar"])
+def test_public_block_causal_checkpoints_decode_speculatively_as_by_default(tmp_path, family):
+    """The two public block-causal layouts (Fast-dLLM v2 with token shift, SDAR without),
+    loaded through their family adapters: greedy speculative decoding writes the default
+    sampler's tokens."""
+    gen = Generator.load(write_checkpoint(tmp_path / family, family), dtype="float32")
+    params = SamplerParams(gen_length=12, steps=12, position_score="left_to_right",
+                           temperature=0.0)  # fmt: skip
+    job = gen.prepare_generate("text", "def add(a, b):", params)
+    spec = dataclasses.replace(job, params=dataclasses.replace(job.params, speculative=True))
+    assert gen.run(spec).ids == gen.run(job).ids
+
+
 def _exact_joint(model, canvas: Canvas, n: int, top_k: int) -> dict[tuple[int, ...], float]:
     """The default sampler's joint distribution of the first n tokens, position by position
-    from uncached forwards of the whole canvas (token shift: position j reads output j - 1)."""
+    from uncached forwards of the whole canvas (token shift: position j reads output j - 1;
+    without it, output j)."""
     vocab = fake_vocab()
     tables = vocab.tables(model.config.vocab_size)
     layout = canvas.layout(vocab.mask_id)
@@ -133,7 +152,8 @@ def _exact_joint(model, canvas: Canvas, n: int, top_k: int) -> dict[tuple[int, .
         ids[start : start + len(prefix)] = torch.tensor(prefix, dtype=torch.long)
         masked = ids == vocab.mask_id
         pos = start + len(prefix)
-        logits = model(ids[None])[0][0, pos - 1 : pos]
+        at = pos - int(model.config.token_shift)
+        logits = model(ids[None])[0][0, at : at + 1]
         logits = apply_constraints(logits, torch.tensor([pos]), ids, masked, rows, tables)
         probs = filter_top_k(logits, top_k).softmax(dim=-1)[0]
         for t in probs.nonzero().flatten().tolist():
@@ -144,11 +164,12 @@ def _exact_joint(model, canvas: Canvas, n: int, top_k: int) -> dict[tuple[int, .
 
 
 @torch.inference_mode()
-def test_sampled_speculative_has_the_default_samplers_joint_distribution():
+@pytest.mark.parametrize("shift", [True, False], ids=["token-shift", "no-shift"])
+def test_sampled_speculative_has_the_default_samplers_joint_distribution(shift):
     """Three tokens across a block boundary from a tiny block-causal model (top-k 3: 27
     outcomes): the speculative decoder's frequencies fit the exact joint distribution of the
     default sampler (chi-square), and so do the default sampler's own (the reference is right)."""
-    model = tiny(block_size=4, shift=True, seed=3)
+    model = tiny(block_size=4, shift=shift, seed=3)
     vocab = fake_vocab()
     canvas = Canvas([Fixed([BOS, 4, 5]), Masked(3, "text")])
     exact = _exact_joint(model, canvas, 3, top_k=3)
