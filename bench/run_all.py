@@ -178,6 +178,9 @@ batch {b} = {sampler["arrival"][f"b{b}"]}. Tokens: {sampler["token_count"]}.
 Judge: {sampler["judge"]["kind"]} — neither contestant scores anything.
 Both models run at their own `sampler_defaults` (same temperature and top_p per modality); the
 diffusion rows change only how many tokens one forward may commit (block 4: at most 4).
+The self-speculative row draws from exactly the defaults' distribution (models/speculative.py):
+its quality columns differ from the defaults' row by sampling noise only; its batch-{b} jobs
+draft nothing while other jobs share the forward (`docs/speed.md` §2b).
 
 At the model's defaults, diffusion ÷ AR tokens/s at batch 1: {", ".join(f"{m} {v:.2f}×" for m, v in defaults.items())}.
 Best variant: {", ".join(f"{m} {v:.2f}× ({k})" for m, (k, v) in best.items())} — read its judge NLL
