@@ -214,7 +214,7 @@ class GenerationRequest:
             "midi_b64": base64.b64encode(self.midi).decode() if self.midi else "",
             "bars": list(self.bars),
             "tracks": list(self.tracks) if self.tracks is not None else None,
-            "params": self.params.to_dict(),
+            "params": self.params.to_wire(),
             "deadline": self.deadline,
             "midi_settings": self.midi_settings.to_dict() if self.midi_settings else None,
             "stop": list(self.stop),

@@ -189,6 +189,14 @@ class SamplerParams(_DictMixin):
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, 1, MAX_STEPS)
 
+    def to_wire(self) -> dict[str, Any]:
+        """`to_dict` without the fields at their class default (lossless: `unset` is kept, and
+        `from_dict` fills the rest with the same defaults). A message that uses no knob added
+        after a worker was built then still parses there, so front ends can be upgraded first
+        (both sides must agree on the class defaults, which no change so far has moved)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {k: v for k, v in self.to_dict().items() if k == "unset" or v != defaults[k]}
+
     def with_defaults(self, defaults: dict[str, Any] | None) -> SamplerParams:
         """These parameters with the unset fields taken from a model's `defaults` (a mapping of
         field -> value, plus "tokens_per_step" for steps); set fields are never changed."""

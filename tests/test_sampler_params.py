@@ -65,6 +65,27 @@ def test_sampler_params_round_trip_through_json():
     assert SamplerParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplerParams(),
+        SamplerParams(gen_length=32, steps=8, block_length=8, threshold=0.9, use_cache="dual"),
+        SamplerParams(gen_length=16, temperature=0.0, seed=0, unset=("steps", "top_p")),  # set
+        # to the class defaults, yet set: they must stay out of `unset`
+        SamplerParams(gen_length=16, steps=16, position_score="left_to_right", speculative=True),
+        SamplerParams(gen_length=8, steps=8, block_length=0, stop_at_eos=False, grammar=False),
+    ],
+)
+def test_the_wire_form_leaves_out_defaults_and_round_trips(params):
+    """The queue's form of the parameters (`to_wire`) rebuilds the same parameters, and a
+    request that uses no knob added later (here `speculative`) carries no key for it: a worker
+    built before that knob existed still parses it."""
+    wire = json.loads(json.dumps(params.to_wire()))
+    assert SamplerParams.from_dict(wire) == params
+    assert ("speculative" in wire) == params.speculative
+    assert set(wire) <= set(params.to_dict())
+
+
 def test_unknown_key_is_rejected_by_name():
     with pytest.raises(InvalidArgument) as err:
         SamplerParams.from_dict({"gen_length": 8, "steps": 4, "temprature": 1.0})
