@@ -395,17 +395,24 @@ class Engine:
         try:
             block_before = state.block
             event = state.advance_rows(torch.stack([logits for logits, _ in rows]), rows[0][1])
-            self._observe("job_step", int(event.committed_positions.numel()))
-            if a.handle.request.return_tokens:
-                _record_tokens(a, event)
-            if a.handle.request.progress:
-                _emit_step(a, event)
-                for index in range(block_before, state.block):
-                    self._emit_block(a, index, state.blocks[index])
+            finished = [(i, state.blocks[i]) for i in range(block_before, state.block)]
+            self._publish(a, event, finished)
         except Exception as exc:
             self._fail(a, exc, "step")
             return False
         return state.done
+
+    def _publish(self, a: _Active, event: StepEvent,
+                 finished: Sequence[tuple[int, torch.Tensor]]) -> None:  # fmt: skip
+        """A job's step to the observer, its kept tokens and (progress) its step event and an
+        event for each block the step finished: (index, positions)."""
+        self._observe("job_step", int(event.committed_positions.numel()))
+        if a.handle.request.return_tokens:
+            _record_tokens(a, event)
+        if a.handle.request.progress:
+            _emit_step(a, event)
+            for index, positions in finished:
+                self._emit_block(a, index, positions)
 
     def _sample_isolated(
         self, proposed: list[tuple[_Active, Draw]]
@@ -473,13 +480,8 @@ class Engine:
             block_before = state.block
             block_pos = state.blocks[block_before]
             event = state.finish_step(draw, *sampled)
-            self._observe("job_step", int(event.committed_positions.numel()))
-            if a.handle.request.return_tokens:
-                _record_tokens(a, event)
-            if a.handle.request.progress:
-                _emit_step(a, event)
-                if state.done or state.block != block_before:
-                    self._emit_block(a, block_before, block_pos)
+            ended = state.done or state.block != block_before
+            self._publish(a, event, [(block_before, block_pos)] if ended else [])
         except Exception as exc:
             self._fail(a, exc, "step")
             return False

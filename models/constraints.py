@@ -352,6 +352,15 @@ def in_canvas_order(
     return canvas_index[positions], c_ids, c_masked
 
 
+def has_grammar_spans(tables: ConstraintTables, modality_rows: Tensor, grammar: bool) -> bool:
+    """True when the MIDI grammar applies to some position: its constraints then read the
+    neighbours, and cannot be applied as each modality's row of `tables.allowed` alone."""
+    return bool(
+        grammar and tables.type_of_id is not None and tables.grammar_row is not None
+        and torch.isin(modality_rows, tables.grammar_row).any()
+    )  # fmt: skip
+
+
 def apply_constraints(
     logits: Tensor,
     positions: Tensor,

@@ -30,6 +30,7 @@ from unmask.models.constraints import (
     SamplerVocab,
     apply_constraints,
     apply_pinned,
+    has_grammar_spans,
     pin_masks,
 )
 from unmask.models.network import KVCache
@@ -332,6 +333,16 @@ def filter_top_p_sorted(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def filtered_probs(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """What a draw at temperature > 0 picks from: the tempered softmax of logits [N, V] with the
+    top-k and nucleus filters applied (filtered ids 0; the nucleus rows are not renormalised)."""
+    z = filter_top_k(logits.float() / temperature, top_k)
+    if top_p >= 1.0:
+        return z.softmax(dim=-1)
+    probs, keep = top_p_keep(z, top_p)
+    return probs.masked_fill_(~keep, 0.0)
+
+
 def sample_with_noise(
     logits: Tensor, temperature: float, top_k: int, top_p: float, uniforms: Tensor
 ) -> Tensor:
@@ -341,12 +352,7 @@ def sample_with_noise(
     float32. uniforms [N, V] float32 in [0, 1), one per id. Each id competes only with its own
     noise, so logits that differ in their last bits (bf16, batched or not) rarely change the
     pick; an inverse-CDF draw (one uniform per row) would move with the sum of those bits."""
-    z = filter_top_k(logits.float() / temperature, top_k)
-    if top_p < 1.0:
-        probs, keep = top_p_keep(z, top_p)
-        probs = probs.masked_fill_(~keep, 0.0)  # filtered ids: 0 / E never wins
-    else:
-        probs = z.softmax(dim=-1)
+    probs = filtered_probs(logits, temperature, top_k, top_p)  # filtered ids: 0 / E never wins
     tiny = torch.finfo(torch.float32).tiny  # u = 0 would make E infinite
     exp = uniforms.to(probs.device).clamp(min=tiny).log_().neg_()  # the caller's stay as given
     return (probs / exp).argmax(dim=-1)
@@ -864,10 +870,7 @@ class SamplerState:
         if self._tables is None or self._tables.allowed.shape[1] != vocab_size:
             t = self._tables = self.vocab.tables(vocab_size, self.device)
             self._pinned = pin_masks(self.layout.pinned, vocab_size, self.device)
-            self._grammar_spans = bool(
-                self.params.grammar and t.type_of_id is not None and t.grammar_row is not None
-                and torch.isin(self.modality_rows, t.grammar_row).any()
-            )  # fmt: skip
+            self._grammar_spans = has_grammar_spans(t, self.modality_rows, self.params.grammar)
         return self._tables
 
     def _constrained(

@@ -43,16 +43,21 @@ from torch import Tensor
 from unmask.errors import InvalidArgument
 from unmask.models.block_sampler import grid_blocks, needs_infill_order, reorder_canvas
 from unmask.models.canvas import Canvas
-from unmask.models.constraints import SamplerVocab, apply_constraints, apply_pinned, pin_masks
+from unmask.models.constraints import (
+    SamplerVocab,
+    apply_constraints,
+    apply_pinned,
+    has_grammar_spans,
+    pin_masks,
+)
 from unmask.models.network import KVCache
 from unmask.models.sampler import (
     SampleResult,
     StepEvent,
     StepInputs,
     check_fits,
-    filter_top_k,
+    filtered_probs,
     model_device,
-    top_p_keep,
 )
 from unmask.models.sampler_params import SamplerParams
 
@@ -81,16 +86,11 @@ def speculative_unsupported(model: torch.nn.Module, params: SamplerParams) -> st
 
 def token_probs(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
     """The distribution [N, V] the default sampler draws from, given constrained logits [N, V]
-    (`sample_with_noise`'s filters; temperature 0 puts all mass on the argmax)."""
-    logits = logits.float()
+    (`filtered_probs`, normalised; temperature 0 puts all mass on the argmax)."""
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    z = filter_top_k(logits / temperature, top_k)
-    if top_p >= 1.0:
-        return z.softmax(dim=-1)
-    probs, keep = top_p_keep(z, top_p)
-    probs = probs.masked_fill_(~keep, 0.0)
-    return probs / probs.sum(dim=-1, keepdim=True)
+    probs = filtered_probs(logits, temperature, top_k, top_p)
+    return probs if top_p >= 1.0 else probs / probs.sum(dim=-1, keepdim=True)
 
 
 def draw(probs: Tensor, generator: torch.Generator) -> Tensor:
@@ -195,13 +195,9 @@ class SpeculativeDecoder:
             [rows[m] for m in layout.modality], dtype=torch.long, device=self.device
         )
         self.vocab_size = int(model.config.vocab_size)
-        self.tables = t = vocab.tables(self.vocab_size, self.device)
+        self.tables = vocab.tables(self.vocab_size, self.device)
         self.pinned = pin_masks(layout.pinned, self.vocab_size, self.device)
-        # does any slot get the MIDI grammar (constraints that read the neighbours)?
-        self.grammar = bool(
-            params.grammar and t.type_of_id is not None and t.grammar_row is not None
-            and torch.isin(self.modality_rows, t.grammar_row).any()
-        )  # fmt: skip
+        self.grammar = has_grammar_spans(self.tables, self.modality_rows, params.grammar)
         self.generator = torch.Generator(device="cpu").manual_seed(params.seed)
         self.cache: KVCache | None = None
         self.cache_len = 0  # slots [0, cache_len) are cached (whole finished blocks)
