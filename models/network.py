@@ -164,6 +164,37 @@ class KVCache:
         return KVCache(layers, self.pad_mask[:, :length])
 
 
+@dataclass(frozen=True)
+class Packing:
+    """The real tokens of a padded batch, packed: rows of different widths (the Engine's jobs)
+    are right-padded to [B, T] for attention, but the position-wise layers (norms, projections,
+    MLP: most of the FLOPs) run on the N real tokens only. At 32 jobs whose windows are 4 or 8
+    wide, the padding was a third of every matmul's rows."""
+
+    rows: Tensor  # LongTensor [N]: flat indices b * T + t of the real tokens
+    B: int
+    T: int
+
+    @classmethod
+    def of(cls, pad_mask: Tensor | None) -> Packing | None:
+        """None when there is no padding, or off the CPU (a GPU hardly pays for padded rows,
+        and finding them would synchronise every forward)."""
+        if pad_mask is None or pad_mask.device.type != "cpu" or bool(pad_mask.all()):
+            return None
+        B, T = pad_mask.shape
+        return cls(pad_mask.flatten().nonzero().flatten(), B, T)
+
+    def pack(self, x: Tensor) -> Tensor:
+        """[B, T, ...] -> [N, ...]."""
+        return x.reshape(self.B * self.T, *x.shape[2:])[self.rows]
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """[N, ...] -> [B, T, ...], zeros at the padding."""
+        out = x.new_zeros(self.B * self.T, *x.shape[1:])
+        out[self.rows] = x
+        return out.view(self.B, self.T, *x.shape[1:])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -225,9 +256,13 @@ class SelfAttention(nn.Module):
         mask: Tensor | None,
         is_causal: bool,
         past_kv: tuple[Tensor, Tensor] | None,
+        packing: Packing | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split, dim=2)
+        qkv = self.qkv(x)  # [B, T, q + 2 kv], or packed [N, q + 2 kv]
+        if packing is not None:
+            qkv = packing.unpack(qkv)  # attention needs the [B, T] layout; padding is 0
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split(self.split, dim=2)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):  # per-head RMSNorm (Qwen3), before RoPE
@@ -251,6 +286,8 @@ class SelfAttention(nn.Module):
             is_causal=is_causal,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # re-assemble heads: [B, T, H * hd]
+        if packing is not None:
+            y = packing.pack(y)  # [N, H * hd]
         return self.resid_dropout(self.out(y)), (k, v)  # the cache keeps the KV heads only
 
 
@@ -282,8 +319,10 @@ class Block(nn.Module):
         mask: Tensor | None,
         is_causal: bool,
         past_kv: tuple[Tensor, Tensor] | None,
+        packing: Packing | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        a, kv = self.attn(self.norm1(x), cos, sin, mask, is_causal, past_kv)
+        # x [B, T, d], or packed [N, d]: the norms, projections and MLP are position-wise
+        a, kv = self.attn(self.norm1(x), cos, sin, mask, is_causal, past_kv, packing)
         x = x + a
         x = x + self.mlp(self.norm2(x))
         return x, kv
@@ -436,10 +475,15 @@ class Denoiser(nn.Module):
                 field="use_cache",
             )
         x = self.drop(self.tok_emb(ids))  # [B, T, d]
+        packing = Packing.of(pad_mask)
+        if packing is not None:
+            x = packing.pack(x)  # [N, d]: the real tokens only
         new_layers = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, cos, sin, mask, is_causal, past.layers[i] if past else None)
+            x, kv = block(x, cos, sin, mask, is_causal, past.layers[i] if past else None, packing)
             new_layers.append(kv)
+        if packing is not None:
+            x = packing.unpack(x)  # [B, T, d]
         if self.config.output_shift:  # position i reads the output at i - 1 (0 keeps its own)
             x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
         if out_index is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unmask.errors import InvalidArgument
-from unmask.models.network import Denoiser, KVCache, ModelConfig
+from unmask.models.network import Denoiser, KVCache, ModelConfig, Packing
 
 V, MASK = 50, 1
 
@@ -47,6 +47,35 @@ def test_padding_does_not_change_logits_of_real_rows(causal):
     torch.testing.assert_close(batched[1], model.logits(long)[0], atol=1e-5, rtol=1e-5)
     predictable = torch.arange(V) != MASK
     assert torch.isfinite(batched[0, 7:, predictable]).all(), "padded query rows must stay finite"
+
+
+def test_padded_batch_runs_position_wise_layers_on_its_real_tokens_only():
+    """Rows of different widths (the Engine's jobs) are padded for attention only: the
+    projections and the MLP see the real tokens, and every real row's logits and cache are
+    those of its unpacked forward."""
+    model = tiny(causal=False)
+    batch = ids(3, 8)
+    pad = torch.ones(3, 8, dtype=torch.bool)
+    pad[0, 4:] = False
+    pad[2, 5:] = False
+    seen: list[int] = []
+    hook = model.blocks[0].mlp.register_forward_hook(
+        lambda m, args, out: seen.append(
+            args[0].shape[0] if args[0].dim() == 2 else args[0].shape[0] * args[0].shape[1]
+        )
+    )
+    logits, cache = model(batch, pad, use_cache=True)
+    hook.remove()
+    assert seen == [int(pad.sum())]  # 4 + 8 + 5 rows, not 3 x 8
+    packed = Packing.of(pad)
+    assert packed is not None and Packing.of(torch.ones(2, 3, dtype=torch.bool)) is None
+    assert torch.equal(packed.unpack(packed.pack(batch[..., None]))[..., 0], batch * pad)
+    for row, width in enumerate((4, 8, 5)):
+        alone, own = model(batch[row : row + 1, :width], use_cache=True)
+        torch.testing.assert_close(logits[row, :width], alone[0], atol=1e-5, rtol=1e-5)
+        for (k, v), (k1, v1) in zip(cache.layers, own.layers, strict=True):
+            torch.testing.assert_close(k[row, :, :width], k1[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v[row, :, :width], v1[0], atol=1e-5, rtol=1e-5)
 
 
 def test_bidirectional_model_sees_later_tokens_and_causal_model_does_not():
