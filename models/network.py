@@ -137,6 +137,11 @@ class KVCache:
 
     layers: list[tuple[Tensor, Tensor]]  # per block: (keys, values), each [B, n_kv_heads, P, hd]
     pad_mask: Tensor  # [B, P] bool; True = real position, False = batching padding (never attended)
+    # > 0: each layer's tensors are the first P positions of buffers `room` positions longer
+    # (the Engine's batched past, models/sampler.py CacheCollator): a forward writes its window's
+    # keys and values there instead of copying the past into a new tensor. The cache it returns
+    # then shares that buffer, which the next forward overwrites: copy what you keep of it.
+    room: int = 0
 
     @property
     def length(self) -> int:
@@ -230,6 +235,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+def append_positions(past: Tensor, new: Tensor, room: int = 0) -> Tensor:
+    """past [B, KV, P, hd] ++ new [B, KV, T, hd] along the positions. With `room` >= T (past is
+    the head of a longer buffer: `KVCache.room`) new is written into the buffer and the result
+    is a view of it, without copying the past (megabytes per layer for 32 batched jobs)."""
+    T = new.shape[2]
+    if room < T or past.dtype != new.dtype:
+        return torch.cat([past.to(new.dtype), new], dim=2)
+    B, H, P, D = past.shape
+    out = past.as_strided((B, H, P + T, D), past.stride(), past.storage_offset())
+    out[:, :, P:] = new
+    return out
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention; grouped-query when n_kv_heads < n_heads (each KV head serves
     n_heads / n_kv_heads query heads, and the cache stores the KV heads only)."""
@@ -257,6 +275,7 @@ class SelfAttention(nn.Module):
         is_causal: bool,
         past_kv: tuple[Tensor, Tensor] | None,
         packing: Packing | None = None,
+        room: int = 0,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         qkv = self.qkv(x)  # [B, T, q + 2 kv], or packed [N, q + 2 kv]
         if packing is not None:
@@ -271,8 +290,8 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_kv is not None:
-            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)  # [B, KV, P + T, hd]
-            v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
+            k = append_positions(past_kv[0], k, room)  # [B, KV, P + T, hd]
+            v = append_positions(past_kv[1], v, room)
         k_all, v_all = k, v
         if self.n_kv_heads != self.n_heads:  # query head h reads KV head h // group
             group = self.n_heads // self.n_kv_heads
@@ -320,9 +339,10 @@ class Block(nn.Module):
         is_causal: bool,
         past_kv: tuple[Tensor, Tensor] | None,
         packing: Packing | None = None,
+        room: int = 0,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         # x [B, T, d], or packed [N, d]: the norms, projections and MLP are position-wise
-        a, kv = self.attn(self.norm1(x), cos, sin, mask, is_causal, past_kv, packing)
+        a, kv = self.attn(self.norm1(x), cos, sin, mask, is_causal, past_kv, packing, room)
         x = x + a
         x = x + self.mlp(self.norm2(x))
         return x, kv
@@ -480,7 +500,9 @@ class Denoiser(nn.Module):
             x = packing.pack(x)  # [N, d]: the real tokens only
         new_layers = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, cos, sin, mask, is_causal, past.layers[i] if past else None, packing)
+            layer_past = past.layers[i] if past is not None else None
+            room = past.room if past is not None else 0
+            x, kv = block(x, cos, sin, mask, is_causal, layer_past, packing, room)
             new_layers.append(kv)
         if packing is not None:
             x = packing.unpack(x)  # [B, T, d]

@@ -145,7 +145,9 @@ def collate_inputs(
     )
 
 
-def _collate_caches(pasts: Sequence[KVCache | None]) -> KVCache | None:
+def _collate_caches(pasts: Sequence[KVCache | None], room: int = 0) -> KVCache | None:
+    """The jobs' caches as one right-padded batch; `room` > 0: in buffers with that many free
+    positions after the end (`KVCache.room`)."""
     present = [p for p in pasts if p is not None]
     if not present:
         return None
@@ -153,6 +155,8 @@ def _collate_caches(pasts: Sequence[KVCache | None]) -> KVCache | None:
         return present[0]
     P = max(p.length for p in present)
     ref = present[0]
+    if room > 0:
+        return _buffered_caches(pasts, ref, P, room)
     if len(present) == len(pasts) and all(p.length == P for p in present):  # no padding needed
         layers = [
             (
@@ -176,6 +180,31 @@ def _collate_caches(pasts: Sequence[KVCache | None]) -> KVCache | None:
         if p is not None:
             pad[row, : p.length] = p.pad_mask[0]
     return KVCache(layers, pad)
+
+
+def _buffered_caches(pasts: Sequence[KVCache | None], ref: KVCache, P: int, room: int) -> KVCache:
+    """`_collate_caches` into buffers of P + room positions, the first P of which the cache
+    shows (`KVCache.room`)."""
+    pad = torch.zeros(len(pasts), P, dtype=torch.bool, device=ref.pad_mask.device)
+    layers = []
+    for li, (k_ref, v_ref) in enumerate(ref.layers):
+        k = k_ref.new_zeros(len(pasts), k_ref.shape[1], P + room, k_ref.shape[3])
+        v = v_ref.new_zeros(len(pasts), v_ref.shape[1], P + room, v_ref.shape[3])
+        for row, p in enumerate(pasts):
+            if p is not None:
+                k[row, :, : p.length] = p.layers[li][0][0]
+                v[row, :, : p.length] = p.layers[li][1][0]
+        layers.append((k[:, :, :P], v[:, :, :P]))
+    for row, p in enumerate(pasts):
+        if p is not None:
+            pad[row, : p.length] = p.pad_mask[0]
+    return KVCache(layers, pad, room)
+
+
+# free positions the Engine's batched past keeps after its end, where each forward writes its
+# window's keys and values (`network.append_positions`): a window of 4-8 slots, an AR token;
+# a wider one (a newly admitted job's prompt) is copied as before
+KV_ROOM = 16
 
 
 class CacheCollator:
@@ -212,7 +241,7 @@ class CacheCollator:
                 batched.pad_mask[i, : p.length] = p.pad_mask[0]
             self._pasts = list(pasts)
             return batched
-        batched = _collate_caches(pasts)
+        batched = _collate_caches(pasts, KV_ROOM)
         self._pasts, self._batched = list(pasts), batched
         self._owned = batched is not None and not any(batched is p for p in pasts)
         if (
@@ -256,8 +285,10 @@ def split_outputs(
             if batch.past is not None:
                 own = batch.past.pad_mask[row].nonzero().flatten().to(keep.device)
                 keep = torch.cat([own, keep])
-            # the row as a view, then one copy of the positions it keeps
-            row_cache = kv_keep(cache.select(slice(row, row + 1)), keep)
+            # the row as a view, then one copy of the positions it keeps (always a copy when
+            # the cache is the batched past's buffer, which the next forward overwrites)
+            shared = batch.past is not None and batch.past.room > 0
+            row_cache = kv_keep(cache.select(slice(row, row + 1)), keep, copy=shared)
         n = batch.n_out[row] if batch.n_out else width
         out.append((logits[row, :n], row_cache))
     return out
@@ -548,11 +579,12 @@ def select_remask(confidence: Tensor, threshold: float, budget: int) -> Tensor:
     return low[:budget]
 
 
-def kv_keep(cache: KVCache, positions: Tensor) -> KVCache:
-    """The cache restricted to some of its stored positions (RoPE is already in the keys)."""
+def kv_keep(cache: KVCache, positions: Tensor, copy: bool = False) -> KVCache:
+    """The cache restricted to some of its stored positions (RoPE is already in the keys);
+    views where they are a range, unless `copy`."""
     positions = positions.to(cache.pad_mask.device)
     n = positions.numel()
-    if n and bool((positions.diff() == 1).all()):  # a range: views, no copy
+    if not copy and n and bool((positions.diff() == 1).all()):  # a range: views, no copy
         a, b = int(positions[0]), int(positions[-1]) + 1
         return KVCache([(k[:, :, a:b], v[:, :, a:b]) for k, v in cache.layers],
                        cache.pad_mask[:, a:b])  # fmt: skip

@@ -6,6 +6,7 @@ alone, the inference dtype is chosen by the documented rule, and benchmarks scor
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,16 @@ from unmask.models.generation import Generator, ar_params
 from unmask.models.network import Denoiser, ModelConfig
 from unmask.models.quality import adds_code
 from unmask.models.sampler import (
+    CacheCollator,
+    StepInputs,
+    collate_inputs,
     factor_ok,
     filter_top_p,
     filter_top_p_sorted,
+    run_batch,
     select_commits,
     select_leftmost,
+    split_outputs,
 )
 from unmask.models.sampler_params import SamplerParams
 
@@ -156,6 +162,46 @@ def test_ar_engine_job_reports_usage_and_streams_steps(ar_fp32):
     steps = [e for e in events if e["type"] == "step"]
     assert len(steps) == final.usage["generated_tokens"] == final.usage["nfe"]
     assert any(e["type"] == "block" for e in events)
+
+
+# ---- the Engine's batched past -------------------------------------------------------------------
+
+
+def test_batched_past_takes_each_window_in_place_and_the_kept_caches_are_copies():
+    """The CacheCollator's batched past has room after its end: a forward writes its window's
+    keys and values there (no copy of the past), gives each row the logits of its own
+    unbatched forward, and the cache a row keeps is its own copy, which the next forward into
+    the same buffer leaves alone."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
+                      attention="block_causal", block_size=4, mask_id=1)  # fmt: skip
+    model = Denoiser(cfg).eval()
+    prompts = [torch.randint(2, 40, (1, n)) for n in (8, 4, 12)]
+    pasts = [model(p, use_cache=True)[1] for p in prompts]
+    windows = [torch.randint(2, 40, (1, w)) for w in (4, 8, 4)]
+    inputs = [StepInputs(w, p.shape[1], c, use_cache=True)
+              for w, p, c in zip(windows, prompts, pasts, strict=True)]  # fmt: skip
+    collator = CacheCollator()
+    batch = collate_inputs(inputs, 0, collator)
+    assert batch.past is not None and batch.past.room >= 8
+    buffer = batch.past.layers[0][0]
+    logits, cache = run_batch(model, batch)
+    assert cache is not None and cache.layers[0][0].data_ptr() == buffer.data_ptr()  # in place
+    kept = split_outputs(batch, logits, cache)
+    for (row_logits, row_cache), i in zip(kept, inputs, strict=True):
+        alone, own = model(i.ids, start_pos=i.start_pos, past=i.past, use_cache=True)
+        torch.testing.assert_close(row_logits, alone[0], atol=1e-5, rtol=1e-5)
+        assert row_cache is not None
+        assert row_cache.layers[0][0].untyped_storage().data_ptr() != buffer.untyped_storage(
+            ).data_ptr()  # fmt: skip
+        torch.testing.assert_close(row_cache.layers[0][0], own.layers[0][0])
+    before = [c.layers[0][0].clone() for _, c in kept]
+    again = collate_inputs([replace(i, ids=torch.randint(2, 40, i.ids.shape)) for i in inputs], 0,
+                           collator)  # fmt: skip
+    assert again.past is batch.past  # the same buffer...
+    run_batch(model, again)  # ...written again at its end
+    for (_, c), b in zip(kept, before, strict=True):
+        assert torch.equal(c.layers[0][0], b)
 
 
 # ---- inference dtype ---------------------------------------------------------------------------
