@@ -145,9 +145,12 @@ def collate_inputs(
     )
 
 
-def _collate_caches(pasts: Sequence[KVCache | None], room: int = 0) -> KVCache | None:
-    """The jobs' caches as one right-padded batch; `room` > 0: in buffers with that many free
-    positions after the end (`KVCache.room`)."""
+def _collate_caches(
+    pasts: Sequence[KVCache | None], room: int = 0, grow: int = 0
+) -> KVCache | None:
+    """The jobs' caches as one right-padded batch. `room` > 0: in buffers with that many free
+    positions after the end (`KVCache.room`); `grow`: that many padding positions more, into
+    which a job's cache can grow in place (`CacheCollator`)."""
     present = [p for p in pasts if p is not None]
     if not present:
         return None
@@ -155,10 +158,8 @@ def _collate_caches(pasts: Sequence[KVCache | None], room: int = 0) -> KVCache |
         return present[0]
     P = max(p.length for p in present)
     ref = present[0]
-    if room > 0:
-        return _buffered_caches(pasts, ref, P, room)
-    if len(present) == len(pasts) and all(p.length == P for p in present):  # no padding needed
-        layers = [
+    if not room and not grow and len(present) == len(pasts) and all(p.length == P for p in present):
+        layers = [  # no padding needed
             (
                 torch.cat([p.layers[li][0] for p in pasts]),
                 torch.cat([p.layers[li][1] for p in pasts]),
@@ -166,25 +167,7 @@ def _collate_caches(pasts: Sequence[KVCache | None], room: int = 0) -> KVCache |
             for li in range(len(ref.layers))
         ]
         return KVCache(layers, torch.cat([p.pad_mask for p in pasts]))
-    pad = torch.zeros(len(pasts), P, dtype=torch.bool, device=ref.pad_mask.device)
-    layers = []
-    for li, (k_ref, v_ref) in enumerate(ref.layers):
-        k = k_ref.new_zeros(len(pasts), k_ref.shape[1], P, k_ref.shape[3])
-        v = v_ref.new_zeros(len(pasts), v_ref.shape[1], P, v_ref.shape[3])
-        for row, p in enumerate(pasts):
-            if p is not None:
-                k[row, :, : p.length] = p.layers[li][0][0]
-                v[row, :, : p.length] = p.layers[li][1][0]
-        layers.append((k, v))
-    for row, p in enumerate(pasts):
-        if p is not None:
-            pad[row, : p.length] = p.pad_mask[0]
-    return KVCache(layers, pad)
-
-
-def _buffered_caches(pasts: Sequence[KVCache | None], ref: KVCache, P: int, room: int) -> KVCache:
-    """`_collate_caches` into buffers of P + room positions, the first P of which the cache
-    shows (`KVCache.room`)."""
+    P += grow
     pad = torch.zeros(len(pasts), P, dtype=torch.bool, device=ref.pad_mask.device)
     layers = []
     for li, (k_ref, v_ref) in enumerate(ref.layers):
@@ -201,10 +184,14 @@ def _buffered_caches(pasts: Sequence[KVCache | None], ref: KVCache, P: int, room
     return KVCache(layers, pad, room)
 
 
-# free positions the Engine's batched past keeps after its end, where each forward writes its
-# window's keys and values (`network.append_positions`): a window of 4-8 slots, an AR token;
-# a wider one (a newly admitted job's prompt) is copied as before
+# The Engine's batched past (CacheCollator) keeps free positions after its end, where each
+# forward writes its window's keys and values (`network.append_positions`): a window of 4-8
+# slots, an AR token; a wider one (a newly admitted job's prompt) is copied as before...
 KV_ROOM = 16
+# ...and padding positions before those, into which a job's cache grows by a block (or an AR
+# job's by 8 tokens) in place, instead of a rebuild of the whole batch whenever the longest
+# job finishes a block
+KV_GROW = 8
 
 
 class CacheCollator:
@@ -241,7 +228,7 @@ class CacheCollator:
                 batched.pad_mask[i, : p.length] = p.pad_mask[0]
             self._pasts = list(pasts)
             return batched
-        batched = _collate_caches(pasts, KV_ROOM)
+        batched = _collate_caches(pasts, KV_ROOM, KV_GROW)
         self._pasts, self._batched = list(pasts), batched
         self._owned = batched is not None and not any(batched is p for p in pasts)
         if (

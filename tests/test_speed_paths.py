@@ -168,7 +168,7 @@ def test_ar_engine_job_reports_usage_and_streams_steps(ar_fp32):
 
 
 def test_batched_past_takes_each_window_in_place_and_the_kept_caches_are_copies():
-    """The CacheCollator's batched past has room after its end: a forward writes its window's
+    """The CacheCollator's batched past has room after its end (and padding to grow into): a forward writes its window's
     keys and values there (no copy of the past), gives each row the logits of its own
     unbatched forward, and the cache a row keeps is its own copy, which the next forward into
     the same buffer leaves alone."""
@@ -176,7 +176,7 @@ def test_batched_past_takes_each_window_in_place_and_the_kept_caches_are_copies(
     cfg = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
                       attention="block_causal", block_size=4, mask_id=1)  # fmt: skip
     model = Denoiser(cfg).eval()
-    prompts = [torch.randint(2, 40, (1, n)) for n in (8, 4, 12)]
+    prompts = [torch.randint(2, 40, (1, n)) for n in (8, 4, 10)]
     pasts = [model(p, use_cache=True)[1] for p in prompts]
     windows = [torch.randint(2, 40, (1, w)) for w in (4, 8, 4)]
     inputs = [StepInputs(w, p.shape[1], c, use_cache=True)
@@ -202,6 +202,15 @@ def test_batched_past_takes_each_window_in_place_and_the_kept_caches_are_copies(
     run_batch(model, again)  # ...written again at its end
     for (_, c), b in zip(kept, before, strict=True):
         assert torch.equal(c.layers[0][0], b)
+    # a job whose cache grew by its window (8 + 4 positions) is rewritten into the same
+    # buffer, within its padding, instead of a rebuild of the batch
+    grown = [replace(inputs[0], ids=torch.randint(2, 40, (1, 4)), start_pos=12, past=kept[0][1]),
+             *inputs[1:]]  # fmt: skip
+    third = collate_inputs(grown, 0, collator)
+    assert third.past is batch.past and third.past.length >= 12
+    logits, _ = run_batch(model, third)
+    alone, _ = model(grown[0].ids, start_pos=12, past=kept[0][1])
+    torch.testing.assert_close(logits[0, :4], alone[0], atol=1e-5, rtol=1e-5)
 
 
 # ---- inference dtype ---------------------------------------------------------------------------
