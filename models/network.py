@@ -174,7 +174,7 @@ class Packing:
     """The real tokens of a padded batch, packed: rows of different widths (the Engine's jobs)
     are right-padded to [B, T] for attention, but the position-wise layers (norms, projections,
     MLP: most of the FLOPs) run on the N real tokens only. At 32 jobs whose windows are 4 or 8
-    wide, the padding was a third of every matmul's rows."""
+    wide, most steps padded every window to 8: 104 of 256 matmul rows were padding."""
 
     rows: Tensor  # LongTensor [N]: flat indices b * T + t of the real tokens
     B: int
