@@ -434,13 +434,28 @@ class Draw:
     score: str = "probability"
     allowed: Tensor | None = None  # bool [R, V] (ConstraintTables.allowed)
     allowed_rows: Tensor | None = None  # long [N]: each row's row of `allowed`
+    # rows to argmax after the sampled ones (temperature 0, probability score): the guesses a
+    # step event shows for the positions a step leaves open, batched with every job's guesses;
+    # their tokens and confidences follow the draw's own in `sample_draws`' result
+    guess: Draw | None = None
 
 
 def sample_draws(draws: Sequence[Draw]) -> list[tuple[Tensor, Tensor]]:
     """(tokens [N_i], confidence [N_i]) per draw; the same as `sample_tokens` and
-    `score_positions` draw by draw. Draws with the same knobs are filtered and scored as one
-    tensor (the per-call cost of a dozen small ops, paid once per step, not once per job);
-    each draw's noise still comes from its own generator."""
+    `score_positions` draw by draw (a draw's `guess` rows appended). Draws with the same knobs
+    are filtered and scored as one tensor (the per-call cost of a dozen small ops, paid once per
+    step, not once per job); each draw's noise still comes from its own generator."""
+    guesses = [d.guess for d in draws if d.guess is not None]
+    if guesses:
+        out = _sample_groups([*draws, *guesses])
+        it = iter(out[len(draws) :])
+        return [(torch.cat([t, (g := next(it))[0]]), torch.cat([c, g[1]])) if d.guess is not None
+                else (t, c) for d, (t, c) in zip(draws, out, strict=False)]  # fmt: skip
+    return _sample_groups(draws)
+
+
+def _sample_groups(draws: Sequence[Draw]) -> list[tuple[Tensor, Tensor]]:
+    """`sample_draws` without the guesses."""
     out: list[tuple[Tensor, Tensor] | None] = [None] * len(draws)
     groups: dict[tuple, list[int]] = {}
     for i, d in enumerate(draws):
@@ -772,15 +787,22 @@ class SamplerState:
                 open_pos = open_pos[:n_draw]
         drawn = open_pos[:n_draw]
         open_logits: Tensor | None = None  # constrained rows of open_pos, when built here
+        guessed = False  # the tentative rest rides in the batched sampling as `Draw.guess`
         if score == "probability" and self._shared_constraints(drawn):
+            rest = open_pos[n_draw:]
+            guess = None
+            if rest.numel() and self._shared_constraints(rest):
+                guess = Draw(logits[rest - first], 0.0, 0, 1.0, None, "probability",
+                             tables.allowed, self.modality_rows[rest])  # fmt: skip
+                guessed = True
             draw = Draw(logits[drawn - first], p.temperature, p.top_k, p.top_p, self.generator,
-                        score, tables.allowed, self.modality_rows[drawn])  # fmt: skip
+                        score, tables.allowed, self.modality_rows[drawn], guess)  # fmt: skip
         else:
             open_logits = self._constrained(logits, open_pos, first, tables)
             draw = Draw(open_logits[:n_draw], p.temperature, p.top_k, p.top_p, self.generator,
                         score)  # fmt: skip
         self._step_state = (logits, first, tables, block_pos, is_open, open_pos, open_logits,
-                            n_draw, n_open)  # fmt: skip
+                            n_draw, n_open, guessed)  # fmt: skip
         return draw
 
     def _shared_constraints(self, positions: Tensor) -> bool:
@@ -815,13 +837,22 @@ class SamplerState:
         """The second half of `advance`: commit, remask, and say what the step did."""
         if self._step_state is None:
             raise InvalidArgument("call propose() before finish_step()", field="state")
-        logits, first, tables, block_pos, is_open, open_pos, open_logits, n_draw, n_open = (
-            self._step_state
-        )
+        (
+            logits,
+            first,
+            tables,
+            block_pos,
+            is_open,
+            open_pos,
+            open_logits,
+            n_draw,
+            n_open,
+            guessed,
+        ) = self._step_state
         self._step_state = None
         p = self.params
         in_order = p.position_score == "left_to_right"
-        if n_draw < open_pos.numel():  # the tentative rest: argmax and its probability
+        if n_draw < open_pos.numel() and not guessed:  # the tentative rest: argmax, probability
             rest = (
                 open_logits[n_draw:]
                 if open_logits is not None

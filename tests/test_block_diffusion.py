@@ -22,7 +22,14 @@ from unmask.models.block_sampler import BlockCausalState, grid_blocks, new_state
 from unmask.models.canvas import Canvas, Fixed, Masked
 from unmask.models.network import Denoiser, ModelConfig
 from unmask.models.objective import ar_loss, ar_nll
-from unmask.models.sampler import collate_inputs, generate, run_batch, split_outputs, step_logits
+from unmask.models.sampler import (
+    collate_inputs,
+    generate,
+    run_batch,
+    sample_draws,
+    split_outputs,
+    step_logits,
+)
 from unmask.models.sampler_params import SamplerParams
 from unmask.models.train import TrainConfig
 
@@ -373,6 +380,47 @@ def test_left_to_right_parallel_commits_keep_the_midi_grammar():
     for seed in range(3):
         res = generate(m, canvas, replace(params, seed=seed), fake_vocab())
         assert grammar_errors(res.ids[1:].tolist()) == 0
+
+
+def test_tentative_guesses_ride_in_the_batched_sampling_as_the_argmax_and_its_probability():
+    """A step event's guesses for the block's open rest are the argmax of each position's
+    constrained logits and its probability, as computed job by job before; now they are a
+    temperature-0 `Draw.guess` that `sample_draws` runs with every job's guesses at once."""
+    m = tiny()
+    canvas = Canvas([Fixed([BOS, 5, 6]), Masked(13, "text")])
+    params = SamplerParams(gen_length=13, steps=13, position_score="left_to_right",
+                           temperature=1.0, top_p=0.9, seed=3)  # fmt: skip
+    states = [new_state(m, canvas, replace(params, seed=s), fake_vocab()) for s in (3, 4)]
+    guessed = 0
+    with torch.no_grad():
+        while live := [s for s in states if not s.done]:
+            draws, refs = [], []
+            for state in live:
+                inputs = state.prepare_inputs()
+                logits, cache = step_logits(m, inputs)
+                draw = state.propose(logits, cache)
+                open_pos = state.blocks[state.block][state.masked[state.blocks[state.block]]]
+                rest = open_pos[1:]
+                assert (draw.guess is not None) == bool(rest.numel())
+                # the logits the step reads, by canvas position from `first` (the block's)
+                block_logits, first = state._step_state[0], state._step_state[1]
+                ref = None
+                if rest.numel():
+                    ref = state._constrained(block_logits, rest, first, state._tables)
+                draws.append(draw)
+                refs.append(ref)
+            for state, draw, ref, sampled in zip(live, draws, refs, sample_draws(draws),
+                                                 strict=True):  # fmt: skip
+                event = state.finish_step(draw, *sampled)
+                if ref is None:
+                    assert event.tentative_ids.numel() == 0
+                    continue
+                best = ref.argmax(dim=-1)
+                assert event.tentative_ids.tolist() == best.tolist()
+                torch.testing.assert_close(event.tentative_confidence,
+                                           ref.softmax(dim=-1).gather(-1, best[:, None])[:, 0])  # fmt: skip
+                guessed += 1
+    assert guessed >= 4
 
 
 def test_a_job_without_tentative_guesses_draws_the_same_tokens():
