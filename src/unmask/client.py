@@ -232,8 +232,23 @@ def template_segments(template: str | Iterable[str | int]) -> list[pb.Segment]:
     """'a [MASK:5] b' or ['a ', 5, ' b'] → segments (ints are gaps of that many tokens)."""
     from unmask.models.template import parse_template
 
-    parts = parse_template(template) if isinstance(template, str) else list(template)
-    return [pb.Segment(mask=p) if isinstance(p, int) else pb.Segment(text=p) for p in parts]
+    if isinstance(template, str):
+        parts: list[Any] = parse_template(template)
+    elif isinstance(template, Iterable) and not isinstance(template, dict | bytes | bytearray):
+        parts = list(template)
+    else:  # e.g. JSON null or a number through the HTTP gateway or a batch line
+        raise InvalidArgument("must be a string with [MASK:n] gaps, or a list of strings and "
+                              "gap sizes", field="template", value=type(template).__name__)  # fmt: skip
+    segments = []
+    for p in parts:
+        if isinstance(p, str):
+            segments.append(pb.Segment(text=p))
+        elif isinstance(p, int) and not isinstance(p, bool) and 0 <= p < 2**32:
+            segments.append(pb.Segment(mask=p))
+        else:
+            raise InvalidArgument("each part must be a string or a gap size (an int >= 0)",
+                                  field="template", value=repr(p)[:40])  # fmt: skip
+    return segments
 
 
 def generate_request(prompt: str | bytes = "", *, modality: str = "text", model: str = "",
