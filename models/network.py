@@ -499,9 +499,9 @@ class Denoiser(nn.Module):
         if packing is not None:
             x = packing.pack(x)  # [N, d]: the real tokens only
         new_layers = []
+        room = past.room if past is not None else 0
         for i, block in enumerate(self.blocks):
             layer_past = past.layers[i] if past is not None else None
-            room = past.room if past is not None else 0
             x, kv = block(x, cos, sin, mask, is_causal, layer_past, packing, room)
             new_layers.append(kv)
         if packing is not None:

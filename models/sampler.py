@@ -262,6 +262,8 @@ def split_outputs(
 ) -> list[tuple[Tensor, KVCache | None]]:
     """Per job: (logits [W_i, V], that job's KVCache of its own window when it asked for one)."""
     past_len = batch.past.length if batch.past is not None else 0
+    # the batched past's buffer is overwritten by the next forward: keep copies of it
+    shared = batch.past is not None and batch.past.room > 0
     out: list[tuple[Tensor, KVCache | None]] = []
     for row, (width, wants) in enumerate(zip(batch.widths, batch.wants_cache, strict=True)):
         row_cache = None
@@ -272,9 +274,7 @@ def split_outputs(
             if batch.past is not None:
                 own = batch.past.pad_mask[row].nonzero().flatten().to(keep.device)
                 keep = torch.cat([own, keep])
-            # the row as a view, then one copy of the positions it keeps (always a copy when
-            # the cache is the batched past's buffer, which the next forward overwrites)
-            shared = batch.past is not None and batch.past.room > 0
+            # the row as a view, then one copy of the positions it keeps
             row_cache = kv_keep(cache.select(slice(row, row + 1)), keep, copy=shared)
         n = batch.n_out[row] if batch.n_out else width
         out.append((logits[row, :n], row_cache))
@@ -446,12 +446,17 @@ def sample_draws(draws: Sequence[Draw]) -> list[tuple[Tensor, Tensor]]:
     are filtered and scored as one tensor (the per-call cost of a dozen small ops, paid once per
     step, not once per job); each draw's noise still comes from its own generator."""
     guesses = [d.guess for d in draws if d.guess is not None]
-    if guesses:
-        out = _sample_groups([*draws, *guesses])
-        it = iter(out[len(draws) :])
-        return [(torch.cat([t, (g := next(it))[0]]), torch.cat([c, g[1]])) if d.guess is not None
-                else (t, c) for d, (t, c) in zip(draws, out, strict=False)]  # fmt: skip
-    return _sample_groups(draws)
+    if not guesses:
+        return _sample_groups(draws)
+    out = _sample_groups([*draws, *guesses])
+    guessed = iter(out[len(draws) :])
+    result = []
+    for d, (tokens, conf) in zip(draws, out, strict=False):
+        if d.guess is not None:
+            g_tokens, g_conf = next(guessed)
+            tokens, conf = torch.cat([tokens, g_tokens]), torch.cat([conf, g_conf])
+        result.append((tokens, conf))
+    return result
 
 
 def _sample_groups(draws: Sequence[Draw]) -> list[tuple[Tensor, Tensor]]:
@@ -787,14 +792,12 @@ class SamplerState:
                 open_pos = open_pos[:n_draw]
         drawn = open_pos[:n_draw]
         open_logits: Tensor | None = None  # constrained rows of open_pos, when built here
-        guessed = False  # the tentative rest rides in the batched sampling as `Draw.guess`
         if score == "probability" and self._shared_constraints(drawn):
             rest = open_pos[n_draw:]
-            guess = None
+            guess = None  # the tentative rest, in the batched sampling when it can be
             if rest.numel() and self._shared_constraints(rest):
                 guess = Draw(logits[rest - first], 0.0, 0, 1.0, None, "probability",
                              tables.allowed, self.modality_rows[rest])  # fmt: skip
-                guessed = True
             draw = Draw(logits[drawn - first], p.temperature, p.top_k, p.top_p, self.generator,
                         score, tables.allowed, self.modality_rows[drawn], guess)  # fmt: skip
         else:
@@ -802,7 +805,7 @@ class SamplerState:
             draw = Draw(open_logits[:n_draw], p.temperature, p.top_k, p.top_p, self.generator,
                         score)  # fmt: skip
         self._step_state = (logits, first, tables, block_pos, is_open, open_pos, open_logits,
-                            n_draw, n_open, guessed)  # fmt: skip
+                            n_draw, n_open)  # fmt: skip
         return draw
 
     def _shared_constraints(self, positions: Tensor) -> bool:
@@ -837,22 +840,13 @@ class SamplerState:
         """The second half of `advance`: commit, remask, and say what the step did."""
         if self._step_state is None:
             raise InvalidArgument("call propose() before finish_step()", field="state")
-        (
-            logits,
-            first,
-            tables,
-            block_pos,
-            is_open,
-            open_pos,
-            open_logits,
-            n_draw,
-            n_open,
-            guessed,
-        ) = self._step_state
+        logits, first, tables, block_pos, is_open, open_pos, open_logits, n_draw, n_open = (
+            self._step_state
+        )
         self._step_state = None
         p = self.params
         in_order = p.position_score == "left_to_right"
-        if n_draw < open_pos.numel() and not guessed:  # the tentative rest: argmax, probability
+        if n_draw < open_pos.numel() and draw.guess is None:  # the tentative rest: argmax
             rest = (
                 open_logits[n_draw:]
                 if open_logits is not None

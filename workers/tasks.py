@@ -627,25 +627,26 @@ class _EventRelay:
         """The event script for every event, in one pipeline of EVALSHA calls. Not
         `Script.__call__` on the pipeline: redis-py then asks SCRIPT EXISTS before every
         execute, a second round trip per batch that took a third of this thread's time in a
-        streamed 32-request wave. A Redis that lacks the script (restarted, flushed) gets it,
-        and the events it refused are sent again."""
+        streamed 32-request wave. A Redis that lacks the script (new, restarted, flushed) gets
+        it, and only the events it refused are sent again."""
         script = _state.event_script
         assert script is not None
-        replies: list[Any] = [redis.exceptions.NoScriptError()] * len(sends)
-        for attempt in (1, 2):
-            todo = [
-                i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)
-            ]
-            if not todo:
-                break
-            if attempt == 2:
-                _redis().script_load(_EVENT_LUA)
+
+        def run(indices: list[int]) -> list[Any]:
             pipe = _redis().pipeline(transaction=False)
-            for i in todo:
+            for i in indices:
                 relayed, data = sends[i]
                 pipe.evalsha(script.sha, len(relayed.keys), *relayed.keys, data,
                              s.stream_maxlen, s.result_ttl_s, relayed.delivery)  # fmt: skip
-            for i, reply in zip(todo, pipe.execute(raise_on_error=False), strict=True):
+            return pipe.execute(raise_on_error=False)
+
+        replies = run(list(range(len(sends))))
+        refused = [
+            i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)
+        ]
+        if refused:
+            _redis().script_load(_EVENT_LUA)
+            for i, reply in zip(refused, run(refused), strict=True):
                 replies[i] = reply
         for reply in replies:
             if isinstance(reply, Exception):
